@@ -1,0 +1,189 @@
+//! Wiring: builds the services from a [`Config`], runs the listeners and the key refresh, and
+//! carries out the drain sequence. No request logic lives here.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::admin::{Admin, Readiness};
+use crate::auth::Authenticator;
+use crate::auth::cache::TokenCache;
+use crate::auth::identity::IdentityBuilder;
+use crate::auth::jwks::{JwksSettings, KeyStore};
+use crate::auth::verify::Verifier;
+use crate::config::{Config, ConfigError};
+use crate::proxy::Proxy;
+use crate::server::{self, Limits};
+use crate::telemetry::Metrics;
+
+/// The listeners, bound by the caller (`main` from the config, tests on port 0).
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let proxy = TcpListener::bind(config.proxy.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("proxy.listen {}: {e}", config.proxy.listen),
+            )
+        })?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("admin.listen {}: {e}", config.admin.listen),
+            )
+        })?;
+        Ok(Self { proxy, admin })
+    }
+}
+
+/// Everything built from the configuration, before anything listens.
+pub struct App {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub keys: Arc<KeyStore>,
+    pub readiness: Arc<Readiness>,
+    pub proxy: Arc<Proxy>,
+}
+
+/// Why the app could not start (beyond configuration errors).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Tls(String),
+}
+
+impl App {
+    pub fn build(config: Config) -> Result<App, ConfigError> {
+        let metrics = Arc::new(Metrics::new());
+        let instance = config.clerk.resolve()?;
+        let keys = Arc::new(
+            KeyStore::new(
+                &instance,
+                JwksSettings::from_config(&config.clerk),
+                metrics.clone(),
+            )
+            .map_err(|e| ConfigError::new("clerk.jwt_key", e.to_string()))?,
+        );
+        let verifier = Verifier::new(
+            instance.issuers.clone(),
+            instance.authorized_parties.clone(),
+            config.auth.allow_missing_azp,
+            config.auth.clock_skew_ms,
+            config.auth.pending_as_signed_out,
+        );
+        let auth = Arc::new(Authenticator::new(
+            verifier,
+            keys.clone(),
+            TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms),
+            IdentityBuilder::new(&config.headers),
+            metrics.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            auth,
+            instance.cookie_suffix.as_deref(),
+            metrics.clone(),
+        )?);
+        let readiness = Arc::new(Readiness::new(keys.clone()));
+        Ok(App {
+            config,
+            metrics,
+            keys,
+            readiness,
+            proxy,
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then drains: readiness off, `shutdown.delay_seconds` of
+    /// continued service, listeners closed, in-flight requests finished within the deadline.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), AppError> {
+        let tls = match (
+            &self.config.proxy.tls_cert_path,
+            &self.config.proxy.tls_key_path,
+        ) {
+            (Some(cert), Some(key)) => {
+                Some(server::tls_acceptor(cert, key).map_err(AppError::Tls)?)
+            }
+            _ => None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+
+        let refresh = tokio::spawn({
+            let keys = self.keys.clone();
+            let rx = stop_rx.clone();
+            async move {
+                if let Err(e) = keys.refresh().await {
+                    tracing::warn!(error = %e, "initial key fetch failed; not ready until keys load");
+                }
+                keys.run_refresh(stopped(rx)).await;
+            }
+        });
+        let drain_timeout = self.config.shutdown.drain_timeout();
+        let proxy_limits = Limits {
+            header_read_timeout: std::time::Duration::from_secs(
+                self.config.proxy.header_read_timeout_seconds,
+            ),
+            max_header_bytes: self.config.proxy.max_header_bytes,
+            max_connections: self.config.proxy.max_connections,
+            drain_timeout,
+        };
+        let proxy_addr = listeners.proxy.local_addr().ok();
+        let admin_addr = listeners.admin.local_addr().ok();
+        let proxy_server = tokio::spawn(server::serve(
+            listeners.proxy,
+            tls,
+            proxy_limits,
+            self.proxy.clone(),
+            stopped(stop_rx.clone()),
+        ));
+        let admin = Arc::new(Admin::new(
+            self.readiness.clone(),
+            self.metrics.clone(),
+            self.keys.clone(),
+        ));
+        let admin_server = tokio::spawn(server::serve(
+            listeners.admin,
+            None,
+            Limits {
+                max_connections: 256,
+                drain_timeout,
+                ..Limits::default()
+            },
+            admin,
+            stopped(stop_rx.clone()),
+        ));
+        tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, "clerkgate listening");
+
+        shutdown.await;
+        self.readiness.start_draining();
+        tracing::info!(
+            delay_seconds = self.config.shutdown.delay_seconds,
+            "draining: readiness is now 503"
+        );
+        tokio::time::sleep(self.config.shutdown.delay()).await;
+        let _ = stop_tx.send(true);
+        let left = proxy_server.await.unwrap_or(1) + admin_server.await.unwrap_or(1);
+        let _ = refresh.await;
+        if left > 0 {
+            tracing::warn!("stopped with connections still open after the drain deadline");
+        } else {
+            tracing::info!("drained; bye");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! Authentication: from a request's token to a verified [`identity::Identity`].
+//!
+//! - [`token`] finds the token (header or cookie) and does the structural pre-checks that run
+//!   before any key lookup.
+//! - [`jwks`] holds the verification keys (pinned PEM or a JWKS with background refresh).
+//! - [`verify`] is the pure check of signature and claims against a key and a `now`.
+//! - [`cache`] remembers verified tokens until they expire.
+//! - [`identity`] turns verified claims into the headers sent upstream.
+//! - [`policy`] matches routes and checks their requirements.
+//! - [`Authenticator`] ties them together for the proxy.
+
+pub mod cache;
+pub mod identity;
+pub mod jwks;
+pub mod policy;
+pub mod token;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::telemetry::{AuthFailure, Metrics};
+use identity::Identity;
+
+/// `[auth]`: how tokens are accepted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Allowed clock difference for `exp`, `nbf` and `iat`, in milliseconds (0 allowed).
+    pub clock_skew_ms: u64,
+    /// With authorized parties configured, accept tokens without `azp` (Backend-API-minted).
+    pub allow_missing_azp: bool,
+    /// Treat `sts = "pending"` sessions as signed out (the SDK default).
+    pub pending_as_signed_out: bool,
+    /// What to do with client-sent identity headers: `strip` them or `reject` the request.
+    pub on_spoofed_header: SpoofPolicy,
+    /// Forward the token (`Authorization`, `__session*` and `__client_uat*` cookies) upstream.
+    pub forward_token: bool,
+    /// Read the token from the `__session` cookie when there is no `Authorization` header.
+    pub accept_cookie: bool,
+    /// Most verified tokens remembered at once.
+    pub token_cache_capacity: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            clock_skew_ms: 5_000,
+            allow_missing_azp: false,
+            pending_as_signed_out: true,
+            on_spoofed_header: SpoofPolicy::Strip,
+            forward_token: false,
+            accept_cookie: true,
+            token_cache_capacity: 100_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.clock_skew_ms > 300_000 {
+            return Err(ConfigError::new(
+                "auth.clock_skew_ms",
+                "more than 5 minutes of skew defeats expiry checks",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoofPolicy {
+    Strip,
+    Reject,
+}
+
+/// Why a token was not accepted. Each variant has exactly one status, one reason code and one
+/// metric label, decided in [`crate::rejection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no session token")]
+    Missing,
+    #[error("malformed token")]
+    Invalid,
+    #[error("algorithm not allowed or not the key's")]
+    InvalidAlgorithm,
+    #[error("not a session token")]
+    TypeMismatch,
+    #[error("bad signature")]
+    InvalidSignature,
+    #[error("required claim missing or of the wrong type")]
+    VerificationFailed,
+    #[error("token expired")]
+    Expired,
+    #[error("token not active yet")]
+    NotActiveYet,
+    #[error("token issued in the future")]
+    IatInTheFuture,
+    #[error("issuer is not the configured Clerk instance")]
+    InvalidIssuer,
+    #[error("authorized party not allowed")]
+    InvalidAuthorizedParties,
+    #[error("no key with the token's kid")]
+    KidMismatch,
+    #[error("session is pending")]
+    SessionPending,
+    #[error("session cookie without __client_uat")]
+    NoClientUat,
+    #[error("session cookie older than __client_uat")]
+    IatBeforeClientUat,
+    #[error("no usable verification keys")]
+    KeysUnavailable,
+}
+
+impl AuthError {
+    /// The Clerk reason code (and metric label).
+    pub fn failure(self) -> AuthFailure {
+        match self {
+            Self::Missing => AuthFailure::SessionTokenMissing,
+            Self::Invalid => AuthFailure::TokenInvalid,
+            Self::InvalidAlgorithm => AuthFailure::TokenInvalidAlgorithm,
+            Self::TypeMismatch => AuthFailure::TokenTypeMismatch,
+            Self::InvalidSignature => AuthFailure::TokenInvalidSignature,
+            Self::VerificationFailed => AuthFailure::TokenVerificationFailed,
+            Self::Expired => AuthFailure::TokenExpired,
+            Self::NotActiveYet => AuthFailure::TokenNotActiveYet,
+            Self::IatInTheFuture => AuthFailure::TokenIatInTheFuture,
+            Self::InvalidIssuer => AuthFailure::TokenInvalidIssuer,
+            Self::InvalidAuthorizedParties => AuthFailure::TokenInvalidAuthorizedParties,
+            Self::KidMismatch => AuthFailure::JwkKidMismatch,
+            Self::SessionPending => AuthFailure::SessionPending,
+            Self::NoClientUat => AuthFailure::SessionTokenButNoClientUat,
+            Self::IatBeforeClientUat => AuthFailure::SessionTokenIatBeforeClientUat,
+            Self::KeysUnavailable => AuthFailure::KeysUnavailable,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit every claim comparison uses.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Verifies tokens for the proxy: cache first, then keys plus the pure verifier.
+pub struct Authenticator {
+    pub verifier: verify::Verifier,
+    pub keys: Arc<jwks::KeyStore>,
+    pub cache: cache::TokenCache,
+    pub builder: identity::IdentityBuilder,
+    metrics: Arc<Metrics>,
+}
+
+impl Authenticator {
+    pub fn new(
+        verifier: verify::Verifier,
+        keys: Arc<jwks::KeyStore>,
+        cache: cache::TokenCache,
+        builder: identity::IdentityBuilder,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            verifier,
+            keys,
+            cache,
+            builder,
+            metrics,
+        }
+    }
+
+    /// Verifies one token found in a request. The cookie rules (`__client_uat`) are applied by
+    /// the caller with [`token::check_client_uat`], since they depend on where the token was.
+    pub async fn authenticate(&self, token: &str, now_ms: u64) -> Result<Arc<Identity>, AuthError> {
+        let cache_key = cache::TokenCache::key(token);
+        if let Some(identity) = self.cache.get(&cache_key) {
+            // Expiry is re-checked on every hit: the cache's own eviction is lazy.
+            if identity.usable_at(now_ms, self.verifier.skew_ms()) {
+                self.metrics.token_cache_hits.inc();
+                return Ok(identity);
+            }
+            self.cache.invalidate(&cache_key);
+        }
+        self.metrics.token_cache_misses.inc();
+        let parsed = token::parse(token)?;
+        let may_refetch = self.verifier.issuer_allowed(parsed.unverified_issuer());
+        let key = self
+            .keys
+            .key_for(parsed.header.kid.as_deref(), may_refetch)
+            .await?;
+        let claims = self.verifier.verify(&parsed, &key, now_ms)?;
+        let identity = Arc::new(self.builder.build(claims, parsed.payload_segment()));
+        self.cache.insert(cache_key, identity.clone());
+        Ok(identity)
+    }
+}

@@ -1,0 +1,560 @@
+//! The verification key cache: a pinned PEM, or a JWKS fetched from Clerk and kept fresh.
+//!
+//! Design (after neon's `proxy/src/auth/backend/jwt.rs`):
+//! - Readers never lock: the current key set sits behind an `ArcSwap`.
+//! - A background task refreshes before `jwks_ttl_seconds` runs out, with backoff on failure.
+//! - An unknown `kid` triggers at most one fetch per `jwks_min_refresh_interval_seconds`,
+//!   single-flight (concurrent misses wait for the same fetch), and only for tokens that claim
+//!   our issuer. A negative cache answers repeated forged kids without waiting.
+//! - A failing endpoint keeps the last good keys serving (stale-if-error) for at most
+//!   `jwks_max_stale_seconds`; after that there are no usable keys and requests get 503.
+//! - Fetches have a timeout, a body cap and no redirects; the secret key only goes to the
+//!   Backend API origin (decided in [`crate::clerk::Config::resolve`]).
+//!
+//! Keys are parsed once, at fetch time, into aws-lc-rs `ParsedPublicKey`s, so a verification
+//! is the RSA operation and nothing else.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use aws_lc_rs::rsa::PublicKeyComponents;
+use aws_lc_rs::signature::ParsedPublicKey;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::AuthError;
+use super::token::Alg;
+use crate::clerk::{API_VERSION, Instance, KeySource};
+use crate::config::Secret;
+use crate::telemetry::{JwksFetchResult, Metrics};
+
+/// One verification key, parsed and bound to its algorithm.
+pub struct Key {
+    pub kid: Option<String>,
+    pub alg: Alg,
+    pub public: ParsedPublicKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish()
+    }
+}
+
+/// Why a JWK or PEM was not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not an RSA key")]
+    NotRsa,
+    #[error("unsupported or missing alg")]
+    Algorithm,
+    #[error("not a signature key")]
+    Use,
+    #[error("malformed key material")]
+    Malformed,
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: Option<String>,
+    kid: Option<String>,
+    alg: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+}
+
+impl Key {
+    /// A key from one JWK. `alg_override` replaces the JWK's `alg` (tests only need it).
+    pub fn from_jwk_value(
+        jwk: &serde_json::Value,
+        alg_override: Option<Alg>,
+    ) -> Result<Key, KeyError> {
+        let raw: RawJwk = serde_json::from_value(jwk.clone()).map_err(|_| KeyError::Malformed)?;
+        Self::from_raw(raw, alg_override)
+    }
+
+    fn from_raw(raw: RawJwk, alg_override: Option<Alg>) -> Result<Key, KeyError> {
+        if raw.kty.as_deref() != Some("RSA") {
+            return Err(KeyError::NotRsa);
+        }
+        if raw.use_.as_deref().is_some_and(|u| u != "sig") {
+            return Err(KeyError::Use);
+        }
+        // A JWK without `alg` would let the token choose the hash; Clerk always sets it.
+        let alg = match alg_override {
+            Some(a) => a,
+            None => raw
+                .alg
+                .as_deref()
+                .and_then(Alg::from_name)
+                .ok_or(KeyError::Algorithm)?,
+        };
+        let (Some(n), Some(e)) = (raw.n, raw.e) else {
+            return Err(KeyError::Malformed);
+        };
+        let n = URL_SAFE_NO_PAD
+            .decode(n.trim_end_matches('='))
+            .map_err(|_| KeyError::Malformed)?;
+        let e = URL_SAFE_NO_PAD
+            .decode(e.trim_end_matches('='))
+            .map_err(|_| KeyError::Malformed)?;
+        let public = PublicKeyComponents {
+            n: &n[..],
+            e: &e[..],
+        }
+        .to_parsed_public_key(alg.params())
+        .map_err(|_| KeyError::Malformed)?;
+        Ok(Key {
+            kid: raw.kid,
+            alg,
+            public,
+        })
+    }
+
+    /// A key from a PEM public key (`CLERK_JWT_KEY`), SPKI or PKCS#1. Clerk's PEM keys are
+    /// RS256 keys, as the SDK's `loadClerkJwkFromPem` assumes.
+    pub fn from_pem(pem: &str) -> Result<Key, KeyError> {
+        // The PEM often arrives through an environment variable with literal "\n".
+        let pem = pem.replace("\\n", "\n");
+        let decoding = jsonwebtoken::DecodingKey::from_rsa_pem(pem.trim().as_bytes())
+            .map_err(|_| KeyError::Malformed)?;
+        let der = decoding
+            .try_get_as_bytes()
+            .map_err(|_| KeyError::Malformed)?;
+        let public =
+            ParsedPublicKey::new(Alg::Rs256.params(), der).map_err(|_| KeyError::Malformed)?;
+        Ok(Key {
+            kid: None,
+            alg: Alg::Rs256,
+            public,
+        })
+    }
+}
+
+/// A set of keys fetched together.
+pub struct KeySet {
+    by_kid: HashMap<String, Arc<Key>>,
+    /// `None` for a pinned PEM: it never goes stale.
+    fetched_at: Option<Instant>,
+    /// The only key of a PEM source, used whatever the token's `kid`.
+    pinned: Option<Arc<Key>>,
+}
+
+impl KeySet {
+    fn len(&self) -> usize {
+        self.by_kid.len() + usize::from(self.pinned.is_some())
+    }
+}
+
+/// Tunables of the remote key source.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    pub ttl: Duration,
+    pub min_refresh_interval: Duration,
+    pub max_stale: Duration,
+    pub fetch_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl JwksSettings {
+    pub fn from_config(c: &crate::clerk::Config) -> Self {
+        Self {
+            ttl: Duration::from_secs(c.jwks_ttl_seconds),
+            min_refresh_interval: Duration::from_secs(c.jwks_min_refresh_interval_seconds),
+            max_stale: Duration::from_secs(c.jwks_max_stale_seconds),
+            fetch_timeout: Duration::from_secs(c.jwks_fetch_timeout_seconds),
+            max_body_bytes: c.jwks_max_body_bytes,
+        }
+    }
+}
+
+/// Why a fetch failed (logged and counted; never shown to clients).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("JWKS endpoint answered {0}")]
+    Status(u16),
+    #[error("JWKS endpoint rejected the secret key (401/403)")]
+    Unauthorized,
+    #[error("JWKS request failed: {0}")]
+    Network(String),
+    #[error("JWKS request timed out")]
+    Timeout,
+    #[error("JWKS body larger than the cap")]
+    TooLarge,
+    #[error("JWKS body is not a JWK set")]
+    Invalid,
+    #[error("JWKS has no usable RS256/384/512 signature key")]
+    NoUsableKeys,
+}
+
+impl FetchError {
+    fn result(&self) -> JwksFetchResult {
+        match self {
+            Self::Status(_) => JwksFetchResult::HttpError,
+            Self::Unauthorized => JwksFetchResult::Unauthorized,
+            Self::Network(_) => JwksFetchResult::Network,
+            Self::Timeout => JwksFetchResult::Timeout,
+            Self::TooLarge => JwksFetchResult::TooLarge,
+            Self::Invalid => JwksFetchResult::Invalid,
+            Self::NoUsableKeys => JwksFetchResult::NoUsableKeys,
+        }
+    }
+}
+
+struct Remote {
+    url: reqwest::Url,
+    bearer: Option<Secret>,
+    http: reqwest::Client,
+    settings: JwksSettings,
+}
+
+struct RefreshState {
+    last_attempt: Option<Instant>,
+}
+
+/// The key cache shared by every request.
+pub struct KeyStore {
+    current: ArcSwapOption<KeySet>,
+    remote: Option<Remote>,
+    refresh: Mutex<RefreshState>,
+    /// kids that were still unknown after a refetch, until the next refetch is allowed.
+    unknown_kids: moka::sync::Cache<String, ()>,
+    metrics: Arc<Metrics>,
+}
+
+impl KeyStore {
+    /// Builds the store; a PEM source is loaded (and ready) at once, a JWKS source is empty
+    /// until [`KeyStore::refresh`] succeeds.
+    pub fn new(
+        instance: &Instance,
+        settings: JwksSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, KeyError> {
+        let unknown_kids = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(settings.min_refresh_interval.max(Duration::from_secs(1)))
+            .build();
+        match &instance.key_source {
+            KeySource::Pem(pem) => {
+                let key = Arc::new(Key::from_pem(pem)?);
+                metrics.jwks_keys.set(1);
+                Ok(Self {
+                    current: ArcSwapOption::from_pointee(KeySet {
+                        by_kid: HashMap::new(),
+                        fetched_at: None,
+                        pinned: Some(key),
+                    }),
+                    remote: None,
+                    refresh: Mutex::new(RefreshState { last_attempt: None }),
+                    unknown_kids,
+                    metrics,
+                })
+            }
+            KeySource::Jwks { url, bearer } => {
+                let http = reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .timeout(settings.fetch_timeout)
+                    .connect_timeout(settings.fetch_timeout)
+                    .user_agent(concat!("clerkgate/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|_| KeyError::Malformed)?;
+                Ok(Self {
+                    current: ArcSwapOption::empty(),
+                    remote: Some(Remote {
+                        url: url.clone(),
+                        bearer: bearer.clone(),
+                        http,
+                        settings,
+                    }),
+                    refresh: Mutex::new(RefreshState { last_attempt: None }),
+                    unknown_kids,
+                    metrics,
+                })
+            }
+        }
+    }
+
+    /// `true` when requests can be verified: keys are held and not older than the stale bound.
+    pub fn ready(&self) -> bool {
+        self.usable().is_some()
+    }
+
+    /// The current key set if it may be used.
+    fn usable(&self) -> Option<Arc<KeySet>> {
+        let set = self.current.load_full()?;
+        match (&self.remote, set.fetched_at) {
+            (Some(remote), Some(at)) if at.elapsed() > remote.settings.max_stale => None,
+            _ if set.len() == 0 => None,
+            _ => Some(set),
+        }
+    }
+
+    /// Seconds since the held keys were fetched (0 for a pinned key or none yet).
+    pub fn age_seconds(&self) -> u64 {
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|s| s.fetched_at)
+            .map(|t| t.elapsed().as_secs())
+            .unwrap_or(0)
+    }
+
+    /// Updates the gauges that depend on time; called before metrics are rendered.
+    pub fn update_gauges(&self) {
+        self.metrics.jwks_age_seconds.set(self.age_seconds() as i64);
+        let keys = self.usable().map(|s| s.len()).unwrap_or(0);
+        self.metrics.jwks_keys.set(keys as i64);
+    }
+
+    /// The key for a token's `kid`. `may_refetch` is false for tokens that do not claim our
+    /// issuer: they can never cause a fetch.
+    pub async fn key_for(
+        &self,
+        kid: Option<&str>,
+        may_refetch: bool,
+    ) -> Result<Arc<Key>, AuthError> {
+        let Some(set) = self.usable() else {
+            // Nothing to verify with: fail closed. A refetch attempt is the background task's
+            // job, but a first request may kick one off (single-flight, rate-limited).
+            if may_refetch && self.remote.is_some() {
+                let _ = self.refetch_for(None).await;
+                if let Some(set) = self.usable() {
+                    return lookup(&set, kid).ok_or(AuthError::KidMismatch);
+                }
+            }
+            return Err(AuthError::KeysUnavailable);
+        };
+        if let Some(key) = lookup(&set, kid) {
+            return Ok(key);
+        }
+        let Some(kid) = kid else {
+            return Err(AuthError::KidMismatch);
+        };
+        if !may_refetch || self.remote.is_none() || self.unknown_kids.contains_key(kid) {
+            return Err(AuthError::KidMismatch);
+        }
+        self.refetch_for(Some(kid)).await;
+        match self.usable().and_then(|set| lookup(&set, Some(kid))) {
+            Some(key) => Ok(key),
+            None => {
+                self.unknown_kids.insert(kid.to_owned(), ());
+                Err(AuthError::KidMismatch)
+            }
+        }
+    }
+
+    /// Single-flight refetch for an unknown kid, at most once per minimum interval.
+    async fn refetch_for(&self, kid: Option<&str>) -> bool {
+        let Some(remote) = &self.remote else {
+            return false;
+        };
+        let mut state = self.refresh.lock().await;
+        // Someone else may have fetched while we waited for the lock.
+        if let Some(set) = self.usable()
+            && lookup(&set, kid).is_some()
+        {
+            return true;
+        }
+        if state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < remote.settings.min_refresh_interval)
+        {
+            return false;
+        }
+        state.last_attempt = Some(Instant::now());
+        self.fetch_and_store(remote).await.is_ok()
+    }
+
+    /// Fetches now (start-up and the background loop), serialised with unknown-kid refetches.
+    pub async fn refresh(&self) -> Result<(), FetchError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let mut state = self.refresh.lock().await;
+        state.last_attempt = Some(Instant::now());
+        self.fetch_and_store(remote).await
+    }
+
+    async fn fetch_and_store(&self, remote: &Remote) -> Result<(), FetchError> {
+        match fetch(remote).await {
+            Ok(set) => {
+                self.metrics.jwks_fetches.inc(JwksFetchResult::Ok);
+                self.metrics.jwks_keys.set(set.len() as i64);
+                tracing::debug!(keys = set.len(), "JWKS fetched");
+                self.current.store(Some(Arc::new(set)));
+                self.unknown_kids.invalidate_all();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.jwks_fetches.inc(e.result());
+                tracing::warn!(error = %e, url = %remote.url, "JWKS fetch failed; keeping the last good keys");
+                Err(e)
+            }
+        }
+    }
+
+    /// Refreshes in the background until `shutdown` resolves: before the TTL runs out, and
+    /// with capped exponential backoff after a failure.
+    pub async fn run_refresh(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let Some(remote) = &self.remote else { return };
+        let ttl = remote.settings.ttl;
+        tokio::pin!(shutdown);
+        let mut failures: u32 = 0;
+        loop {
+            let wait = if self.ready() && failures == 0 {
+                // Refresh at 90% of the TTL so keys never expire in normal operation.
+                ttl.mul_f64(0.9).max(Duration::from_secs(1))
+            } else {
+                let backoff = Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)));
+                backoff.min(Duration::from_secs(30)).min(ttl)
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.refresh().await {
+                Ok(()) => failures = 0,
+                Err(_) => failures = failures.saturating_add(1),
+            }
+        }
+    }
+}
+
+fn lookup(set: &KeySet, kid: Option<&str>) -> Option<Arc<Key>> {
+    if let Some(pinned) = &set.pinned {
+        return Some(pinned.clone());
+    }
+    set.by_kid.get(kid?).cloned()
+}
+
+async fn fetch(remote: &Remote) -> Result<KeySet, FetchError> {
+    let mut req = remote
+        .http
+        .get(remote.url.clone())
+        .header("Clerk-API-Version", API_VERSION)
+        .header(http::header::ACCEPT, "application/json");
+    if let Some(secret) = &remote.bearer {
+        req = req.bearer_auth(secret.expose());
+    }
+    let resp = req.send().await.map_err(classify)?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+        return Err(FetchError::Unauthorized);
+    }
+    if !status.is_success() {
+        return Err(FetchError::Status(status.as_u16()));
+    }
+    if resp
+        .content_length()
+        .is_some_and(|n| n > remote.settings.max_body_bytes as u64)
+    {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(classify)?;
+        if body.len() + chunk.len() > remote.settings.max_body_bytes {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    parse_jwks(&body)
+}
+
+fn classify(e: reqwest::Error) -> FetchError {
+    if e.is_timeout() {
+        FetchError::Timeout
+    } else {
+        FetchError::Network(e.to_string())
+    }
+}
+
+/// Parses a JWK set, keeping the usable RSA signature keys. Unusable entries are skipped (a
+/// JWKS may legitimately carry keys for other purposes); none usable is an error.
+pub fn parse_jwks(body: &[u8]) -> Result<KeySet, FetchError> {
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: Set = serde_json::from_slice(body).map_err(|_| FetchError::Invalid)?;
+    let mut by_kid = HashMap::new();
+    for jwk in set.keys {
+        let Ok(raw) = serde_json::from_value::<RawJwk>(jwk) else {
+            continue;
+        };
+        match Key::from_raw(raw, None) {
+            Ok(key) => {
+                if let Some(kid) = key.kid.clone() {
+                    by_kid.insert(kid, Arc::new(key));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "skipping unusable JWK"),
+        }
+    }
+    if by_kid.is_empty() {
+        return Err(FetchError::NoUsableKeys);
+    }
+    Ok(KeySet {
+        by_kid,
+        fetched_at: Some(Instant::now()),
+        pinned: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::signing::SigningKey;
+
+    #[test]
+    fn jwks_parsing_keeps_only_usable_rsa_signature_keys() {
+        let k = SigningKey::generate("ins_a").unwrap();
+        let mut enc = k.jwk();
+        enc["use"] = "enc".into();
+        enc["kid"] = "ins_enc".into();
+        let mut no_alg = k.jwk();
+        no_alg.as_object_mut().unwrap().remove("alg");
+        no_alg["kid"] = "ins_noalg".into();
+        let mut hs = k.jwk();
+        hs["alg"] = "HS256".into();
+        hs["kid"] = "ins_hs".into();
+        let ec =
+            serde_json::json!({"kty": "EC", "kid": "ins_ec", "crv": "P-256", "x": "AA", "y": "AA"});
+        let body = serde_json::json!({"keys": [k.jwk(), enc, no_alg, hs, ec]}).to_string();
+        let set = parse_jwks(body.as_bytes()).unwrap();
+        assert_eq!(set.by_kid.keys().collect::<Vec<_>>(), vec!["ins_a"]);
+    }
+
+    #[test]
+    fn empty_or_garbage_sets_are_errors() {
+        assert!(matches!(
+            parse_jwks(br#"{"keys":[]}"#),
+            Err(FetchError::NoUsableKeys)
+        ));
+        assert!(matches!(parse_jwks(b"<html>"), Err(FetchError::Invalid)));
+        assert!(matches!(
+            parse_jwks(br#"{"keys":{}}"#),
+            Err(FetchError::Invalid)
+        ));
+    }
+
+    #[test]
+    fn pem_keys_load_with_and_without_escaped_newlines() {
+        let k = SigningKey::generate("ins_a").unwrap();
+        let pem = k.public_key_pem();
+        assert!(Key::from_pem(&pem).is_ok());
+        assert!(Key::from_pem(&pem.replace('\n', "\\n")).is_ok());
+        assert_eq!(Key::from_pem("not a pem").unwrap_err(), KeyError::Malformed);
+    }
+}

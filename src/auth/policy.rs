@@ -1,0 +1,337 @@
+//! Route rules: which paths need a session, and what the session must hold.
+//!
+//! Rules are `[[routes]]` entries, matched in order against the *normalised* path
+//! ([`crate::proxy::path`]), first match wins; a path no rule matches requires a session.
+//! Patterns are exact (`/health`) or a prefix ending in `/**` (`/public/**` matches `/public`
+//! and everything below it, never `/publicity`). Requirements are all checked (AND) and any
+//! indeterminate input fails closed: no active organization fails an org requirement, a
+//! missing claim fails a claim requirement.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::identity::Identity;
+use crate::config::ConfigError;
+
+/// Whether a route needs a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// A valid session token is required (the default for every path).
+    #[default]
+    Required,
+    /// A valid token adds identity headers; no token (or a rejected one) goes through
+    /// anonymously, with every identity header still stripped.
+    Optional,
+    /// No verification at all; identity headers are still stripped.
+    Public,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// `/exact/path` or `/prefix/**`.
+    pub path: String,
+    pub auth: AuthMode,
+    /// The active organization role required (`org:admin`, or `admin`).
+    pub org_role: Option<String>,
+    /// Organization permissions all required (`org:<feature>:<permission>`).
+    pub org_permissions: Vec<String>,
+    /// The active organization required.
+    pub org_id: Option<String>,
+    /// Claim path to the exact JSON value it must hold.
+    pub claims: BTreeMap<String, Value>,
+}
+
+impl RouteConfig {
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if !self.path.starts_with('/') {
+            return Err(ConfigError::new(format!("{key}.path"), "must start with /"));
+        }
+        let body = self.path.strip_suffix("/**").unwrap_or(&self.path);
+        if body.contains('*') {
+            return Err(ConfigError::new(
+                format!("{key}.path"),
+                "only a trailing /** wildcard is supported",
+            ));
+        }
+        if body.split('/').any(|s| s == "." || s == "..") || body.contains("//") {
+            return Err(ConfigError::new(
+                format!("{key}.path"),
+                "must be a normalised path (no dot segments or empty segments)",
+            ));
+        }
+        let has_requirements = self.org_role.is_some()
+            || !self.org_permissions.is_empty()
+            || self.org_id.is_some()
+            || !self.claims.is_empty();
+        if has_requirements && self.auth != AuthMode::Required {
+            return Err(ConfigError::new(
+                format!("{key}.auth"),
+                "requirements need auth = \"required\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a verified session may not use a route (403).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("no active organization")]
+    NoActiveOrg,
+    #[error("organization role not allowed")]
+    OrgRole,
+    #[error("organization permission missing")]
+    OrgPermission,
+    #[error("wrong organization")]
+    OrgId,
+    #[error("claim requirement not met")]
+    Claim,
+}
+
+impl PolicyError {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::NoActiveOrg => "org-required",
+            Self::OrgRole => "org-role-mismatch",
+            Self::OrgPermission => "org-permission-missing",
+            Self::OrgId => "org-id-mismatch",
+            Self::Claim => "claim-mismatch",
+        }
+    }
+}
+
+enum Pattern {
+    Exact(String),
+    /// The part before `/**`; matches itself and anything below.
+    Prefix(String),
+}
+
+impl Pattern {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Self::Exact(p) => path == p,
+            Self::Prefix(p) if p.is_empty() => true,
+            Self::Prefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+        }
+    }
+}
+
+/// A compiled rule.
+pub struct Route {
+    pattern: Pattern,
+    pub auth: AuthMode,
+    org_role: Option<String>,
+    org_permissions: Vec<String>,
+    org_id: Option<String>,
+    claims: Vec<(String, Value)>,
+}
+
+impl Route {
+    fn new(c: &RouteConfig) -> Self {
+        let pattern = match c.path.strip_suffix("/**") {
+            Some(prefix) => Pattern::Prefix(prefix.to_owned()),
+            None => Pattern::Exact(c.path.clone()),
+        };
+        Self {
+            pattern,
+            auth: c.auth,
+            org_role: c.org_role.as_ref().map(|r| {
+                if r.starts_with("org:") {
+                    r.clone()
+                } else {
+                    format!("org:{r}")
+                }
+            }),
+            org_permissions: c.org_permissions.clone(),
+            org_id: c.org_id.clone(),
+            claims: c
+                .claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Checks the route's requirements against a verified identity.
+    pub fn authorize(&self, identity: &Identity) -> Result<(), PolicyError> {
+        let needs_org =
+            self.org_role.is_some() || !self.org_permissions.is_empty() || self.org_id.is_some();
+        if needs_org {
+            let org = identity.org.as_ref().ok_or(PolicyError::NoActiveOrg)?;
+            if let Some(id) = &self.org_id
+                && &org.id != id
+            {
+                return Err(PolicyError::OrgId);
+            }
+            if let Some(role) = &self.org_role
+                && org.role.as_ref() != Some(role)
+            {
+                return Err(PolicyError::OrgRole);
+            }
+            if !self
+                .org_permissions
+                .iter()
+                .all(|p| org.permissions.contains(p))
+            {
+                return Err(PolicyError::OrgPermission);
+            }
+        }
+        for (path, want) in &self.claims {
+            if identity.claim(path) != Some(want) {
+                return Err(PolicyError::Claim);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// All rules, in order, plus the default.
+pub struct Policy {
+    routes: Vec<Route>,
+    default: Route,
+}
+
+impl Policy {
+    pub fn new(routes: &[RouteConfig]) -> Self {
+        Self {
+            routes: routes.iter().map(Route::new).collect(),
+            default: Route::new(&RouteConfig {
+                path: "/**".into(),
+                ..RouteConfig::default()
+            }),
+        }
+    }
+
+    /// The rule for a normalised path.
+    pub fn route(&self, path: &str) -> &Route {
+        self.routes
+            .iter()
+            .find(|r| r.pattern.matches(path))
+            .unwrap_or(&self.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clerk::claims::Org;
+    use serde_json::{Map, json};
+
+    fn policy(toml: &str) -> Policy {
+        let c = crate::config::Config::from_toml(&format!(
+            "[clerk]\njwt_key = \"x\"\nissuer = \"https://i.example\"\n{toml}"
+        ));
+        // jwt_key "x" is only validated when keys are loaded, so config parsing succeeds.
+        Policy::new(&c.unwrap().routes)
+    }
+
+    fn identity(org: Option<Org>, claims: serde_json::Value) -> Identity {
+        Identity {
+            user_id: "user_1".into(),
+            session_id: None,
+            org,
+            actor_id: None,
+            iat: None,
+            exp_ms: 0,
+            claims: claims.as_object().cloned().unwrap_or_else(Map::new),
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_is_required() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/public/**"
+            auth = "public"
+            [[routes]]
+            path = "/health"
+            auth = "public"
+            [[routes]]
+            path = "/feed/**"
+            auth = "optional"
+            "#,
+        );
+        let mode = |path: &str| p.route(path).auth;
+        assert_eq!(mode("/public"), AuthMode::Public);
+        assert_eq!(mode("/public/x/y"), AuthMode::Public);
+        assert_eq!(mode("/publicity"), AuthMode::Required);
+        assert_eq!(mode("/health"), AuthMode::Public);
+        assert_eq!(mode("/health/x"), AuthMode::Required);
+        assert_eq!(mode("/feed/1"), AuthMode::Optional);
+        assert_eq!(mode("/admin"), AuthMode::Required);
+    }
+
+    #[test]
+    fn requirements_fail_closed() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/admin/**"
+            org_role = "admin"
+            org_permissions = ["org:billing:manage"]
+            claims = { "public_metadata.tier" = "gold" }
+            "#,
+        );
+        let r = p.route("/admin/x");
+        let admin = Org {
+            id: "org_1".into(),
+            slug: None,
+            role: Some("org:admin".into()),
+            permissions: vec!["org:billing:manage".into()],
+        };
+        let gold = json!({"public_metadata": {"tier": "gold"}});
+        assert_eq!(
+            r.authorize(&identity(None, gold.clone())),
+            Err(PolicyError::NoActiveOrg)
+        );
+        let member = Org {
+            role: Some("org:member".into()),
+            ..admin.clone()
+        };
+        assert_eq!(
+            r.authorize(&identity(Some(member), gold.clone())),
+            Err(PolicyError::OrgRole)
+        );
+        let no_perm = Org {
+            permissions: vec![],
+            ..admin.clone()
+        };
+        assert_eq!(
+            r.authorize(&identity(Some(no_perm), gold.clone())),
+            Err(PolicyError::OrgPermission)
+        );
+        assert_eq!(
+            r.authorize(&identity(Some(admin.clone()), json!({}))),
+            Err(PolicyError::Claim)
+        );
+        assert_eq!(r.authorize(&identity(Some(admin), gold)), Ok(()));
+    }
+
+    #[test]
+    fn bad_routes_are_config_errors() {
+        for (toml, key) in [
+            ("[[routes]]\npath = \"admin\"", "routes[0].path"),
+            ("[[routes]]\npath = \"/a/*/b\"", "routes[0].path"),
+            ("[[routes]]\npath = \"/a/../b\"", "routes[0].path"),
+            (
+                "[[routes]]\npath = \"/a\"\nauth = \"public\"\norg_role = \"admin\"",
+                "routes[0].auth",
+            ),
+        ] {
+            let err = crate::config::Config::from_toml(&format!(
+                "[clerk]\njwt_key = \"x\"\nissuer = \"https://i.example\"\n{toml}"
+            ))
+            .unwrap_err();
+            assert_eq!(err.key, key, "{toml}");
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Configuration: layering, composition and cross-field validation.
+//!
+//! Layers, lowest first: built-in defaults (documented key by key in `config/clerkgate.toml`),
+//! the TOML file, the `CLERK_*` variables Clerk users already know, then `CLERKGATE_<SECTION>__<KEY>`
+//! for any key. Each module owns its section's struct; this module only composes them. Every
+//! struct denies unknown fields: a misspelled key in an auth proxy silently disables a check.
+//!
+//! Loading is pure: the environment is passed in as pairs, so tests never mutate the process
+//! environment.
+
+use std::path::Path;
+
+use figment::{
+    Figment,
+    providers::{Format, Serialized, Toml},
+    value::Value,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{admin, auth, clerk, proxy, shutdown, telemetry};
+
+/// The whole configuration, as composed from the sections.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: proxy::Config,
+    pub admin: admin::Config,
+    pub clerk: clerk::Config,
+    pub auth: auth::Config,
+    pub headers: auth::identity::HeadersConfig,
+    pub routes: Vec<auth::policy::RouteConfig>,
+    pub log: telemetry::LogConfig,
+    pub shutdown: shutdown::Config,
+}
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The `CLERK_*` variables and where each lands. All are taken as plain strings except the
+/// ones with a parser, so a secret that happens to look like a number stays a string.
+const CLERK_VARIABLES: &[(&str, &str, ClerkVar)] = &[
+    ("CLERK_SECRET_KEY", "clerk.secret_key", ClerkVar::Text),
+    (
+        "CLERK_PUBLISHABLE_KEY",
+        "clerk.publishable_key",
+        ClerkVar::Text,
+    ),
+    ("CLERK_JWT_KEY", "clerk.jwt_key", ClerkVar::Text),
+    ("CLERK_API_URL", "clerk.api_url", ClerkVar::Text),
+    (
+        "CLERK_AUTHORIZED_PARTIES",
+        "clerk.authorized_parties",
+        ClerkVar::List,
+    ),
+    ("CLERK_JWT_TTL", "clerk.jwks_ttl_seconds", ClerkVar::Integer),
+];
+
+#[derive(Clone, Copy)]
+enum ClerkVar {
+    Text,
+    List,
+    Integer,
+}
+
+/// Prefix of the variables that can set any key: `CLERKGATE_PROXY__LISTEN` sets `proxy.listen`.
+const ENV_PREFIX: &str = "CLERKGATE_";
+
+impl Config {
+    /// Builds the figment of all layers. `env` is the process environment (or a test's).
+    pub fn figment<I, K, V>(file: Option<&Path>, env: I) -> Result<Figment, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+            .collect();
+        for (name, key, kind) in CLERK_VARIABLES {
+            let Some((_, raw)) = env.iter().find(|(k, _)| k == name) else {
+                continue;
+            };
+            let value = match kind {
+                ClerkVar::Text => Value::from(raw.clone()),
+                ClerkVar::List => Value::from(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                ),
+                ClerkVar::Integer => {
+                    let n: u64 = raw.trim().parse().map_err(|_| {
+                        ConfigError::new(*name, "must be a whole number of seconds")
+                    })?;
+                    Value::from(n)
+                }
+            };
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        let mut prefixed: Vec<&(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "CLERKGATE_CONFIG")
+            .collect();
+        prefixed.sort();
+        for (name, raw) in prefixed {
+            let path = name[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect::<Vec<_>>();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::new(
+                    name.as_str(),
+                    "expected CLERKGATE_<SECTION>__<KEY>",
+                ));
+            }
+            let key = path.join(".");
+            let value = if key.ends_with("secret_key")
+                || key.ends_with("publishable_key")
+                || key.ends_with("jwt_key")
+            {
+                Value::from(raw.clone())
+            } else {
+                raw.parse::<Value>().unwrap_or_else(|e| match e {})
+            };
+            figment = figment.merge(Serialized::default(&key, value));
+        }
+        Ok(figment)
+    }
+
+    /// Extracts and validates a configuration from a figment.
+    pub fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
+        let config = Self::extract(figment)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Extracts without the cross-field checks (`clerkgate dev` replaces `[clerk]` first).
+    pub fn extract(figment: &Figment) -> Result<Config, ConfigError> {
+        figment.extract().map_err(|e| {
+            let key = if e.path.is_empty() {
+                "config".to_owned()
+            } else {
+                e.path.join(".")
+            };
+            ConfigError::new(key, e.kind.to_string())
+        })
+    }
+
+    /// Loads file plus environment, then validates.
+    pub fn load<I, K, V>(file: Option<&Path>, env: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        Self::from_figment(&Self::figment(file, env)?)
+    }
+
+    /// A configuration from a TOML string alone (tests and examples).
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        let figment =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml));
+        Self::from_figment(&figment)
+    }
+
+    /// Cross-field checks that serde cannot express. Each section checks itself; the ones that
+    /// need two sections are here.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.proxy.validate()?;
+        self.clerk.validate()?;
+        self.auth.validate()?;
+        self.headers.validate()?;
+        for (i, route) in self.routes.iter().enumerate() {
+            route.validate(&format!("routes[{i}]"))?;
+        }
+        if self.admin.listen == self.proxy.listen {
+            return Err(ConfigError::new(
+                "admin.listen",
+                "must differ from proxy.listen: admin endpoints are never served on the proxy port",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, every secret redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string<T: Serialize>(value: &T) -> String {
+    toml::to_string_pretty(value)
+        .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+}
+
+/// A secret value: redacted in `Debug` and when serialised, readable only through `expose()`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The one way to read the value. Call it where the secret leaves the process (an
+    /// `Authorization` header) or is parsed, and nowhere else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("[redacted]")
+    }
+}
+
+/// `true` when `url` may be used for calls carrying secrets or fetching keys: https anywhere,
+/// or plain http to a loopback address (local fakes and `clerkgate dev`).
+pub fn is_secure_or_loopback(url: &reqwest::Url) -> bool {
+    match url.scheme() {
+        "https" => true,
+        "http" => match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    fn pk() -> &'static str {
+        // fake-instance.clerk.accounts.dev$
+        "pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk"
+    }
+
+    #[test]
+    fn defaults_need_a_key_source() {
+        let err = Config::load(None, NO_ENV).unwrap_err();
+        assert_eq!(err.key, "clerk.secret_key");
+    }
+
+    #[test]
+    fn clerk_variables_are_layered_over_the_file_and_under_clerkgate_variables() {
+        let env = [
+            ("CLERK_SECRET_KEY", "sk_test_abc"),
+            ("CLERK_PUBLISHABLE_KEY", pk()),
+            (
+                "CLERK_AUTHORIZED_PARTIES",
+                "https://a.example, https://b.example",
+            ),
+            ("CLERK_JWT_TTL", "120"),
+            ("CLERKGATE_PROXY__LISTEN", "127.0.0.1:18080"),
+            ("CLERKGATE_AUTH__CLOCK_SKEW_MS", "0"),
+            ("CLERKGATE_CLERK__JWKS_TTL_SECONDS", "90"),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.clerk.secret_key.as_ref().unwrap().expose(), "sk_test_abc");
+        assert_eq!(
+            c.clerk.authorized_parties,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:18080");
+        assert_eq!(c.auth.clock_skew_ms, 0);
+        assert_eq!(c.clerk.jwks_ttl_seconds, 90, "CLERKGATE_ wins over CLERK_");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_the_key() {
+        let err = Config::from_toml("[auth]\nallow_missing_azpp = true\n").unwrap_err();
+        assert!(err.key.contains("auth"), "{err}");
+        assert!(err.message.contains("allow_missing_azpp"), "{err}");
+        let err = Config::load(None, [("CLERKGATE_PROXY__LISTN", "x")]).unwrap_err();
+        assert!(err.message.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load(
+            None,
+            [
+                ("CLERK_SECRET_KEY", "sk_test_x"),
+                ("CLERKGATE_PROXY__LISTEN", "nope"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "proxy.listen", "{err}");
+        let err = Config::load(
+            None,
+            [("CLERK_PUBLISHABLE_KEY", "pk_live_aW52YWxpZGtleSQ=")],
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "clerk.publishable_key", "{err}");
+        let err = Config::load(None, [("CLERK_JWT_TTL", "soon")]).unwrap_err();
+        assert_eq!(err.key, "CLERK_JWT_TTL", "{err}");
+    }
+
+    #[test]
+    fn api_url_must_be_https_unless_loopback() {
+        let env = |url: &'static str| {
+            [
+                ("CLERK_SECRET_KEY", "sk_test_x"),
+                ("CLERK_PUBLISHABLE_KEY", pk()),
+                ("CLERK_API_URL", url),
+            ]
+        };
+        assert!(Config::load(None, env("http://127.0.0.1:1234")).is_ok());
+        assert!(Config::load(None, env("https://api.clerk.com")).is_ok());
+        let err = Config::load(None, env("http://api.clerk.com")).unwrap_err();
+        assert_eq!(err.key, "clerk.api_url");
+    }
+
+    #[test]
+    fn redacted_output_never_contains_secrets() {
+        let c = Config::load(
+            None,
+            [
+                ("CLERK_SECRET_KEY", "sk_test_supersecret"),
+                ("CLERK_PUBLISHABLE_KEY", pk()),
+            ],
+        )
+        .unwrap();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("supersecret"), "{out}");
+        assert!(out.contains("[redacted]"));
+        assert!(out.contains("[proxy]"));
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}

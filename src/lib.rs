@@ -1,0 +1,38 @@
+//! clerkgate: an authentication sidecar for Clerk session tokens.
+//!
+//! # Layout
+//!
+//! - [`config`] composes the sections each module owns and layers defaults, file and env.
+//! - [`clerk`] holds what is Clerk-specific: the instance, publishable keys, claim decoding.
+//! - [`auth`] turns a request's token into a verified identity (keys, verification, cache,
+//!   identity headers, route policy).
+//! - [`proxy`] is the request path and the upstream client; [`rejection`] the one place that
+//!   maps refusals to responses.
+//! - [`server`] is the accept loop, [`admin`] the health and metrics listener, [`shutdown`] the
+//!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
+//! - [`dev`] is `clerkgate dev`: an in-memory signing key, a local JWKS, an echo upstream.
+//!
+//! # Request path
+//!
+//! accept -> normalise path -> strip reserved headers -> route match -> extract token ->
+//! cache or verify -> cookie freshness -> policy -> set identity headers -> forward -> metrics.
+//! See [`proxy`].
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod clerk;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod proxy;
+pub mod rejection;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Installs aws-lc-rs as the process-wide rustls provider. Idempotent. Called first thing in
+/// `main` (and by tests) so that no dependency can make rustls pick another provider.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,517 @@
+//! The authenticating reverse proxy: the request path, top to bottom.
+//!
+//! accept -> normalise path -> strip reserved headers -> route match -> extract token ->
+//! cache or verify -> cookie freshness -> policy -> set identity headers -> remove token and
+//! hop-by-hop headers -> forward -> record metrics.
+//!
+//! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
+//! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
+
+pub mod forward;
+pub mod headers;
+pub mod path;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::policy::{AuthMode, Policy, Route};
+use crate::auth::token::{self, Carrier, CookieNames};
+use crate::auth::{AuthError, Authenticator, SpoofPolicy, identity::Identity, now_ms};
+use crate::config::ConfigError;
+use crate::rejection::Rejection;
+use crate::server::ConnInfo;
+use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
+use path::EncodedSlashes;
+
+/// The response body: the upstream's, streamed, or one of ours.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// `[proxy]`: the listener, the upstream and the limits in between.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Base URL of the backend (http or https).
+    pub upstream: String,
+    /// Timeout for connecting to the upstream.
+    pub connect_timeout_seconds: u64,
+    /// Timeout for the upstream's response head once the request is sent.
+    pub upstream_timeout_seconds: u64,
+    /// Idle pooled upstream connections are closed after this long.
+    pub pool_idle_timeout_seconds: u64,
+    /// Idle pooled upstream connections kept.
+    pub pool_max_idle: usize,
+    /// A client must send its complete request head within this time (slowloris guard).
+    pub header_read_timeout_seconds: u64,
+    /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Most concurrent client connections; more wait in the accept queue.
+    pub max_connections: usize,
+    /// Forward-auth endpoint for ingress controllers; empty disables it.
+    pub forward_auth_path: String,
+    /// `reject` (400) or `decode` percent-encoded slashes in paths.
+    pub encoded_slashes: EncodedSlashes,
+    /// Keep client-sent `X-Forwarded-*` and append to them (only behind a trusted balancer).
+    pub trust_forwarded_headers: bool,
+    /// Send the client's `Host` upstream (otherwise the upstream's own authority).
+    pub preserve_host: bool,
+    /// PEM certificate chain for TLS on the proxy listener (with `tls_key_path`).
+    pub tls_cert_path: Option<String>,
+    /// PEM private key for TLS on the proxy listener.
+    pub tls_key_path: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid address"),
+            upstream: "http://127.0.0.1:3000".into(),
+            connect_timeout_seconds: 5,
+            upstream_timeout_seconds: 60,
+            pool_idle_timeout_seconds: 90,
+            pool_max_idle: 256,
+            header_read_timeout_seconds: 10,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            forward_auth_path: "/_clerkgate/auth".into(),
+            encoded_slashes: EncodedSlashes::Reject,
+            trust_forwarded_headers: false,
+            preserve_host: true,
+            tls_cert_path: None,
+            tls_key_path: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.upstream_base()?;
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return Err(ConfigError::new(
+                "proxy.tls_cert_path",
+                "tls_cert_path and tls_key_path go together",
+            ));
+        }
+        if !self.forward_auth_path.is_empty() && !self.forward_auth_path.starts_with('/') {
+            return Err(ConfigError::new(
+                "proxy.forward_auth_path",
+                "must start with / (or be empty)",
+            ));
+        }
+        for (key, v) in [
+            (
+                "proxy.connect_timeout_seconds",
+                self.connect_timeout_seconds,
+            ),
+            (
+                "proxy.upstream_timeout_seconds",
+                self.upstream_timeout_seconds,
+            ),
+            (
+                "proxy.header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "proxy.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::new(
+                "proxy.max_connections",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The upstream's scheme and authority, plus a path prefix without a trailing slash.
+    pub fn upstream_base(&self) -> Result<UpstreamBase, ConfigError> {
+        let uri: Uri = self.upstream.parse().map_err(|e: http::uri::InvalidUri| {
+            ConfigError::new("proxy.upstream", e.to_string())
+        })?;
+        let scheme = uri.scheme_str().unwrap_or("");
+        if scheme != "http" && scheme != "https" {
+            return Err(ConfigError::new(
+                "proxy.upstream",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ConfigError::new("proxy.upstream", "needs a host"))?
+            .clone();
+        if uri.query().is_some() {
+            return Err(ConfigError::new("proxy.upstream", "must not have a query"));
+        }
+        Ok(UpstreamBase {
+            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// Where requests go, parsed once.
+#[derive(Debug, Clone)]
+pub struct UpstreamBase {
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    prefix: String,
+}
+
+impl UpstreamBase {
+    fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let pq = match query {
+            Some(q) => format!("{}{path}?{q}", self.prefix),
+            None if self.prefix.is_empty() => path.to_owned(),
+            None => format!("{}{path}", self.prefix),
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+/// Everything the request path needs, built once.
+pub struct Proxy {
+    pub auth: Arc<Authenticator>,
+    policy: Policy,
+    reserved: Vec<String>,
+    cookies: CookieNames,
+    spoof: SpoofPolicy,
+    forward_token: bool,
+    accept_cookie: bool,
+    upstream: UpstreamBase,
+    client: forward::UpstreamClient,
+    upstream_timeout: Duration,
+    forward_auth_path: Option<String>,
+    encoded_slashes: EncodedSlashes,
+    trust_forwarded: bool,
+    preserve_host: bool,
+    metrics: Arc<Metrics>,
+}
+
+/// What the auth step decided.
+enum Decision {
+    Allow(Option<Arc<Identity>>),
+    Reject(Rejection),
+}
+
+impl Proxy {
+    pub fn new(
+        config: &crate::config::Config,
+        auth: Arc<Authenticator>,
+        cookie_suffix: Option<&str>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let p = &config.proxy;
+        let client = forward::client(
+            Duration::from_secs(p.connect_timeout_seconds),
+            Duration::from_secs(p.pool_idle_timeout_seconds),
+            p.pool_max_idle,
+        )
+        .map_err(|e| ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}")))?;
+        Ok(Self {
+            reserved: auth.builder.reserved().to_vec(),
+            auth,
+            policy: Policy::new(&config.routes),
+            cookies: CookieNames::new(cookie_suffix),
+            spoof: config.auth.on_spoofed_header,
+            forward_token: config.auth.forward_token,
+            accept_cookie: config.auth.accept_cookie,
+            upstream: p.upstream_base()?,
+            client,
+            upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
+            forward_auth_path: (!p.forward_auth_path.is_empty())
+                .then(|| p.forward_auth_path.clone()),
+            encoded_slashes: p.encoded_slashes,
+            trust_forwarded: p.trust_forwarded_headers,
+            preserve_host: p.preserve_host,
+            metrics,
+        })
+    }
+
+    /// Handles one request from a client.
+    pub async fn handle_request(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let (resp, outcome) = if self.is_forward_auth(req.uri().path()) {
+            self.forward_auth(req).await
+        } else {
+            self.proxy(req, conn).await
+        };
+        self.metrics.requests.inc(outcome);
+        self.metrics
+            .request_duration
+            .observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    fn is_forward_auth(&self, path: &str) -> bool {
+        self.forward_auth_path.as_deref().is_some_and(|fa| {
+            path.strip_prefix(fa)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+
+    fn reject(&self, r: Rejection) -> (Response<ProxyBody>, Outcome) {
+        if let Rejection::Auth(e) = r {
+            self.metrics.auth_failures.inc(e.failure());
+        }
+        if let Rejection::Upstream(kind) = r {
+            self.metrics.upstream_errors.inc(kind);
+        }
+        tracing::debug!(
+            status = r.status().as_u16(),
+            reason = r.reason(),
+            "request refused"
+        );
+        (r.response().map(Either::Right), r.outcome())
+    }
+
+    /// Removes client-sent identity headers, or refuses the request under `reject`.
+    fn strip_spoofed(&self, headers: &mut http::HeaderMap) -> Result<(), Rejection> {
+        let removed = headers::strip_reserved(headers, &self.reserved);
+        if removed > 0 {
+            self.metrics.spoofed_headers.inc_by(removed as u64);
+            tracing::debug!(count = removed, "client sent reserved identity headers");
+            if self.spoof == SpoofPolicy::Reject {
+                return Err(Rejection::SpoofedHeader);
+            }
+        }
+        Ok(())
+    }
+
+    /// Token, verification, cookie freshness and route requirements.
+    async fn decide(&self, headers: &http::HeaderMap, route: &Route) -> Decision {
+        if route.auth == AuthMode::Public {
+            return Decision::Allow(None);
+        }
+        let optional = route.auth == AuthMode::Optional;
+        let found = match token::extract(headers, &self.cookies, self.accept_cookie) {
+            Ok(Some(found)) => found,
+            Ok(None) if optional => return Decision::Allow(None),
+            Ok(None) => return Decision::Reject(Rejection::Auth(AuthError::Missing)),
+            Err(e) if optional => {
+                self.metrics.auth_failures.inc(e.failure());
+                return Decision::Allow(None);
+            }
+            Err(e) => return Decision::Reject(Rejection::Auth(e)),
+        };
+        let result = self
+            .auth
+            .authenticate(found.token, now_ms())
+            .await
+            .and_then(|identity| {
+                if found.carrier == Carrier::Cookie {
+                    token::check_client_uat(found.client_uat, identity.iat)?;
+                }
+                Ok(identity)
+            });
+        let identity = match result {
+            Ok(identity) => identity,
+            // An outage is never hidden behind "anonymous".
+            Err(AuthError::KeysUnavailable) => {
+                return Decision::Reject(Rejection::Auth(AuthError::KeysUnavailable));
+            }
+            Err(e) if optional => {
+                self.metrics.auth_failures.inc(e.failure());
+                return Decision::Allow(None);
+            }
+            Err(e) => return Decision::Reject(Rejection::Auth(e)),
+        };
+        match route.authorize(&identity) {
+            Ok(()) => Decision::Allow(Some(identity)),
+            Err(e) => Decision::Reject(Rejection::Policy(e)),
+        }
+    }
+
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> (Response<ProxyBody>, Outcome) {
+        let (mut parts, body) = req.into_parts();
+        let normalized = match path::normalize(parts.uri.path(), self.encoded_slashes) {
+            Ok(p) => p,
+            Err(e) => return self.reject(Rejection::Path(e)),
+        };
+        if let Err(r) = self.strip_spoofed(&mut parts.headers) {
+            return self.reject(r);
+        }
+        let route = self.policy.route(&normalized.matching);
+        let identity = match self.decide(&parts.headers, route).await {
+            Decision::Allow(identity) => identity,
+            Decision::Reject(r) => return self.reject(r),
+        };
+
+        let upstream_uri = match self.upstream.uri(&normalized.upstream, parts.uri.query()) {
+            Ok(uri) => uri,
+            Err(_) => return self.reject(Rejection::Path(path::PathError::BadPercentEncoding)),
+        };
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let upgrade = headers::wants_upgrade(&parts.headers) && parts.version == Version::HTTP_11;
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h, upgrade);
+        if !self.forward_token {
+            headers::strip_token(h, &self.cookies);
+        }
+        headers::set_forwarded(
+            h,
+            conn.peer.ip(),
+            conn.tls,
+            host.clone(),
+            self.trust_forwarded,
+        );
+        match (&host, self.preserve_host) {
+            (Some(host), true) => {
+                h.insert(header::HOST, host.clone());
+            }
+            _ => {
+                h.remove(header::HOST);
+            }
+        }
+        let outcome = match &identity {
+            Some(identity) => {
+                for (name, value) in &identity.headers {
+                    h.insert(name.clone(), value.clone());
+                }
+                tracing::debug!(user = %identity.user_id, "authenticated");
+                Outcome::Forwarded
+            }
+            None => Outcome::Anonymous,
+        };
+        parts.uri = upstream_uri;
+        // The upstream speaks HTTP/1.1 whatever the client used.
+        parts.version = Version::HTTP_11;
+        let mut req = Request::from_parts(parts, body);
+
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let resp = match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await
+        {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                tracing::debug!(error = ?e, "upstream request failed");
+                return self.reject(Rejection::Upstream(forward::classify(&e)));
+            }
+            Err(_) => return self.reject(Rejection::Upstream(UpstreamErrorKind::Timeout)),
+        };
+        let mut resp = resp;
+        if let Some(client_upgrade) = client_upgrade
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                self.metrics.clone(),
+            ));
+            let (parts, _) = resp.into_parts();
+            return (
+                Response::from_parts(parts, Either::Right(Full::new(Bytes::new()))),
+                outcome,
+            );
+        }
+        headers::strip_hop_by_hop(resp.headers_mut(), false);
+        (resp.map(Either::Left), outcome)
+    }
+
+    /// The forward-auth answer: 200 with identity headers, or the refusal. The original
+    /// request's URI comes from `X-Forwarded-Uri` (Traefik), `X-Original-URI` (nginx), or the
+    /// path below the endpoint (Envoy's `path_prefix`).
+    async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            // Envoy ext_authz forwards the original method; accept any, since no body is used.
+        }
+        let original = ["x-forwarded-uri", "x-original-uri"]
+            .iter()
+            .find_map(|n| req.headers().get(*n).and_then(|v| v.to_str().ok()))
+            .map(str::to_owned)
+            .or_else(|| {
+                let fa = self.forward_auth_path.as_deref().unwrap_or("");
+                let below = req.uri().path().strip_prefix(fa).unwrap_or("");
+                Some(if below.is_empty() {
+                    "/".to_owned()
+                } else {
+                    below.to_owned()
+                })
+            })
+            .unwrap_or_else(|| "/".to_owned());
+        let original_path = original.split(['?', '#']).next().unwrap_or("/");
+        let normalized = match path::normalize(original_path, self.encoded_slashes) {
+            Ok(p) => p,
+            Err(e) => return self.reject(Rejection::Path(e)),
+        };
+        if let Err(r) = self.strip_spoofed(req.headers_mut()) {
+            return self.reject(r);
+        }
+        let route = self.policy.route(&normalized.matching);
+        match self.decide(req.headers(), route).await {
+            Decision::Reject(r) => self.reject(r),
+            Decision::Allow(identity) => {
+                let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+                *resp.status_mut() = StatusCode::OK;
+                resp.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                if let Some(identity) = &identity {
+                    for (name, value) in &identity.headers {
+                        resp.headers_mut().insert(name.clone(), value.clone());
+                    }
+                }
+                (resp, Outcome::ForwardAuthAllowed)
+            }
+        }
+    }
+}
+
+impl crate::server::Handler for Proxy {
+    type Body = ProxyBody;
+
+    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+        self.handle_request(req, conn).await
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    metrics: Arc<Metrics>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            metrics.upstream_errors.inc(UpstreamErrorKind::Upgrade);
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}

@@ -1,0 +1,55 @@
+//! The upstream client: pooled keep-alive connections, http or https, bounded waits.
+//!
+//! Bodies stream in both directions (the inbound `Incoming` body is handed to the client as it
+//! is). Failures are classified into closed kinds for the 502/504 mapping and the metric.
+
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::telemetry::UpstreamErrorKind;
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+/// Builds the pooled client. Fails only when the platform's TLS roots cannot be loaded.
+pub fn client(
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle_per_host: usize,
+) -> std::io::Result<UpstreamClient> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = HttpsConnectorBuilder::new()
+        .try_with_platform_verifier()
+        .map_err(std::io::Error::other)?
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(https))
+}
+
+/// Sorts a client error into a closed kind.
+pub fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
+    if e.is_connect() {
+        // A connect timeout surfaces as a connect error whose source mentions the timeout.
+        let text = format!("{e:?}");
+        if text.contains("Timeout") || text.contains("timed out") {
+            UpstreamErrorKind::Timeout
+        } else {
+            UpstreamErrorKind::Connect
+        }
+    } else {
+        UpstreamErrorKind::Protocol
+    }
+}

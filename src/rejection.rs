@@ -1,0 +1,181 @@
+//! The one place that turns a refusal into a response.
+//!
+//! Each domain error maps exhaustively (no `_` arm) to a status, a reason code for the client,
+//! and an outcome label for metrics; a new variant does not compile until someone decides its
+//! status. Bodies are small fixed JSON objects with the reason code only: no claim values, no key
+//! material, no upstream error text. Details go to debug logs.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::auth::AuthError;
+use crate::auth::policy::PolicyError;
+use crate::proxy::path::PathError;
+use crate::telemetry::{Outcome, UpstreamErrorKind};
+
+/// Why a request was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Auth(AuthError),
+    Policy(PolicyError),
+    Path(PathError),
+    /// A reserved identity header was sent and `auth.on_spoofed_header = "reject"`.
+    SpoofedHeader,
+    Upstream(UpstreamErrorKind),
+    /// The proxy is shutting down and cannot start this request.
+    Draining,
+}
+
+impl Rejection {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Auth(e) => match e {
+                AuthError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::Missing
+                | AuthError::Invalid
+                | AuthError::InvalidAlgorithm
+                | AuthError::TypeMismatch
+                | AuthError::InvalidSignature
+                | AuthError::VerificationFailed
+                | AuthError::Expired
+                | AuthError::NotActiveYet
+                | AuthError::IatInTheFuture
+                | AuthError::InvalidIssuer
+                | AuthError::InvalidAuthorizedParties
+                | AuthError::KidMismatch
+                | AuthError::SessionPending
+                | AuthError::NoClientUat
+                | AuthError::IatBeforeClientUat => StatusCode::UNAUTHORIZED,
+            },
+            Self::Policy(_) => StatusCode::FORBIDDEN,
+            Self::Path(_) | Self::SpoofedHeader => StatusCode::BAD_REQUEST,
+            Self::Upstream(kind) => match kind {
+                UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamErrorKind::Connect
+                | UpstreamErrorKind::Protocol
+                | UpstreamErrorKind::Upgrade => StatusCode::BAD_GATEWAY,
+            },
+            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The reason code sent to the client.
+    pub fn reason(self) -> &'static str {
+        use crate::telemetry::Label;
+        match self {
+            Self::Auth(e) => e.failure().as_label(),
+            Self::Policy(e) => e.as_label(),
+            Self::Path(e) => e.as_label(),
+            Self::SpoofedHeader => "spoofed-identity-header",
+            Self::Upstream(kind) => match kind {
+                UpstreamErrorKind::Connect => "upstream-unavailable",
+                UpstreamErrorKind::Timeout => "upstream-timeout",
+                UpstreamErrorKind::Protocol => "upstream-protocol-error",
+                UpstreamErrorKind::Upgrade => "upstream-upgrade-failed",
+            },
+            Self::Draining => "shutting-down",
+        }
+    }
+
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Self::Auth(AuthError::KeysUnavailable) | Self::Draining => Outcome::Unavailable,
+            Self::Auth(_) => Outcome::Unauthorized,
+            Self::Policy(_) => Outcome::Forbidden,
+            Self::Path(_) | Self::SpoofedHeader => Outcome::BadRequest,
+            Self::Upstream(_) => Outcome::UpstreamError,
+        }
+    }
+
+    fn error_word(self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::BAD_GATEWAY => "bad_gateway",
+            StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            _ => "unavailable",
+        }
+    }
+
+    /// The response for a client. 401s carry `WWW-Authenticate` per RFC 6750 section 3: without
+    /// an error code when no token was sent (3.1), `invalid_token` otherwise.
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let body = format!(
+            "{{\"error\":\"{}\",\"reason\":\"{}\"}}\n",
+            self.error_word(),
+            self.reason()
+        );
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::Auth(AuthError::Missing) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"clerkgate\""),
+                );
+            }
+            Self::Auth(AuthError::KeysUnavailable) | Self::Draining => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::Auth(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"clerkgate\", error=\"invalid_token\""),
+                );
+            }
+            Self::Policy(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"clerkgate\", error=\"insufficient_scope\"",
+                    ),
+                );
+            }
+            Self::Path(_) | Self::SpoofedHeader | Self::Upstream(_) => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_failures_are_401_with_invalid_token_except_missing_and_keys() {
+        let r = Rejection::Auth(AuthError::Expired).response();
+        assert_eq!(r.status(), 401);
+        assert!(
+            r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token")
+        );
+        let r = Rejection::Auth(AuthError::Missing).response();
+        assert!(
+            !r.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("error=")
+        );
+        let r = Rejection::Auth(AuthError::KeysUnavailable).response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            Rejection::Upstream(UpstreamErrorKind::Timeout).status(),
+            504
+        );
+        assert_eq!(
+            Rejection::Upstream(UpstreamErrorKind::Connect).status(),
+            502
+        );
+        assert_eq!(Rejection::Policy(PolicyError::OrgRole).status(), 403);
+    }
+}

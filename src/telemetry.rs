@@ -1,0 +1,312 @@
+//! Logs and metrics.
+//!
+//! Metric families are built once per process (or once per test) into a [`Metrics`] value that
+//! is passed to whoever records, never a process global, so parallel tests do not share
+//! counters. Every label value comes from a closed enum ([`Label`]); a path, user id, kid or raw
+//! error string can never become a label, which keeps cardinality bounded by the code.
+//!
+//! Counters are resolved per label value at start-up, so recording on the request path is one
+//! atomic add: no label hashing and no lock.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use serde::{Deserialize, Serialize};
+
+/// A closed set of label values.
+pub trait Label: Copy + 'static {
+    /// Every value, in declaration order; `index()` is the position in this list.
+    const ALL: &'static [Self];
+    fn as_label(self) -> &'static str;
+    fn index(self) -> usize;
+}
+
+/// Declares a fieldless enum together with its [`Label`] implementation.
+#[macro_export]
+macro_rules! label_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name { $($(#[$vmeta])* $variant),+ }
+        impl $crate::telemetry::Label for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn as_label(self) -> &'static str { match self { $(Self::$variant => $label),+ } }
+            fn index(self) -> usize { self as usize }
+        }
+    };
+}
+
+/// A counter family with one label whose values are a closed enum, pre-resolved.
+pub struct LabeledCounter<L: Label> {
+    counters: Vec<IntCounter>,
+    _label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> LabeledCounter<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let vec = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("metric registered once");
+        let counters = L::ALL
+            .iter()
+            .map(|l| vec.with_label_values(&[l.as_label()]))
+            .collect();
+        Self {
+            counters,
+            _label: std::marker::PhantomData,
+        }
+    }
+
+    pub fn inc(&self, label: L) {
+        self.counters[label.index()].inc();
+    }
+
+    pub fn get(&self, label: L) -> u64 {
+        self.counters[label.index()].get()
+    }
+}
+
+label_enum! {
+    /// How a proxied request ended.
+    pub enum Outcome {
+        Forwarded => "forwarded",
+        Anonymous => "anonymous",
+        Unauthorized => "unauthorized",
+        Forbidden => "forbidden",
+        BadRequest => "bad_request",
+        Unavailable => "unavailable",
+        UpstreamError => "upstream_error",
+        ForwardAuthAllowed => "forward_auth_allowed",
+    }
+}
+
+label_enum! {
+    /// Why a request failed authentication (Clerk's reason vocabulary).
+    pub enum AuthFailure {
+        SessionTokenMissing => "session-token-missing",
+        TokenInvalid => "token-invalid",
+        TokenInvalidAlgorithm => "token-invalid-algorithm",
+        TokenTypeMismatch => "token-type-mismatch",
+        TokenInvalidSignature => "token-invalid-signature",
+        TokenVerificationFailed => "token-verification-failed",
+        TokenExpired => "token-expired",
+        TokenNotActiveYet => "token-not-active-yet",
+        TokenIatInTheFuture => "token-iat-in-the-future",
+        TokenInvalidIssuer => "token-invalid-issuer",
+        TokenInvalidAuthorizedParties => "token-invalid-authorized-parties",
+        JwkKidMismatch => "jwk-kid-mismatch",
+        SessionPending => "session-pending",
+        SessionTokenButNoClientUat => "session-token-but-no-client-uat",
+        SessionTokenIatBeforeClientUat => "session-token-iat-before-client-uat",
+        KeysUnavailable => "jwk-remote-failed-to-load",
+    }
+}
+
+label_enum! {
+    /// What went wrong talking to the upstream.
+    pub enum UpstreamErrorKind {
+        Connect => "connect",
+        Timeout => "timeout",
+        Protocol => "protocol",
+        Upgrade => "upgrade",
+    }
+}
+
+label_enum! {
+    /// Result of one JWKS fetch.
+    pub enum JwksFetchResult {
+        Ok => "ok",
+        HttpError => "http_error",
+        Unauthorized => "unauthorized",
+        Network => "network",
+        Timeout => "timeout",
+        TooLarge => "too_large",
+        Invalid => "invalid",
+        NoUsableKeys => "no_usable_keys",
+    }
+}
+
+/// Every metric family clerkgate exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: LabeledCounter<Outcome>,
+    pub request_duration: Histogram,
+    pub auth_failures: LabeledCounter<AuthFailure>,
+    pub upstream_errors: LabeledCounter<UpstreamErrorKind>,
+    pub jwks_fetches: LabeledCounter<JwksFetchResult>,
+    pub jwks_keys: IntGauge,
+    pub jwks_age_seconds: IntGauge,
+    pub token_cache_hits: IntCounter,
+    pub token_cache_misses: IntCounter,
+    pub spoofed_headers: IntCounter,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let int_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
+        let request_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "clerkgate_request_duration_seconds",
+                "Time from request head received to response head sent (or rejection).",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("registered once");
+        let build_info = IntGaugeVec::new(
+            Opts::new("clerkgate_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Self {
+            requests: LabeledCounter::register(
+                &registry,
+                "clerkgate_requests_total",
+                "Requests handled on the proxy listener, by outcome.",
+                "outcome",
+            ),
+            request_duration,
+            auth_failures: LabeledCounter::register(
+                &registry,
+                "clerkgate_auth_failures_total",
+                "Requests rejected by token verification, by Clerk reason code.",
+                "reason",
+            ),
+            upstream_errors: LabeledCounter::register(
+                &registry,
+                "clerkgate_upstream_errors_total",
+                "Failed attempts to reach the upstream, by kind.",
+                "kind",
+            ),
+            jwks_fetches: LabeledCounter::register(
+                &registry,
+                "clerkgate_jwks_fetches_total",
+                "JWKS fetches, by result.",
+                "result",
+            ),
+            jwks_keys: int_gauge("clerkgate_jwks_keys", "Usable verification keys held."),
+            jwks_age_seconds: int_gauge(
+                "clerkgate_jwks_age_seconds",
+                "Seconds since the held key set was last fetched successfully (0 for a pinned PEM).",
+            ),
+            token_cache_hits: int_counter(
+                "clerkgate_token_cache_hits_total",
+                "Requests whose token was found in the verified-token cache.",
+            ),
+            token_cache_misses: int_counter(
+                "clerkgate_token_cache_misses_total",
+                "Requests whose token needed a full verification.",
+            ),
+            spoofed_headers: int_counter(
+                "clerkgate_spoofed_headers_total",
+                "Client-sent headers with a reserved identity name (removed or rejected).",
+            ),
+            ready: int_gauge("clerkgate_ready", "1 when /readyz answers 200."),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `[log]`: how clerkgate writes its logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `text`.
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Installs the global tracing subscriber. Safe to call more than once (later calls are no-ops).
+pub fn init_logging(config: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_auth_failure_label_is_exported_with_zero() {
+        let m = Metrics::new();
+        m.auth_failures.inc(AuthFailure::TokenExpired);
+        let text = m.encode();
+        for l in AuthFailure::ALL {
+            assert!(
+                text.contains(&format!("reason=\"{}\"", l.as_label())),
+                "{}",
+                l.as_label()
+            );
+        }
+        assert!(text.contains("clerkgate_auth_failures_total{reason=\"token-expired\"} 1"));
+        assert!(text.contains("clerkgate_build_info"));
+    }
+}

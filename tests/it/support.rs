@@ -1,0 +1,20 @@
+//! Shared test support: in-process fakes the integration tests drive the real library against.
+//!
+//! Every fake binds `127.0.0.1:0` and is owned by the test that started it, so tests run in
+//! parallel without sharing ports or state.
+
+// Each test file uses a different subset of these helpers.
+#![allow(dead_code)]
+
+pub mod fake_clerk;
+
+pub use clerkgate::dev::signing::SigningKey;
+pub use fake_clerk::{Failure, FakeClerk};
+
+/// The current time in Unix seconds, the unit of `iat`/`nbf`/`exp` (RFC 7519 §2 NumericDate).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the system clock is after 1970")
+        .as_secs()
+}
