@@ -1,2 +1,3 @@
+mod proxy_basics;
 mod support;
 mod support_smoke;

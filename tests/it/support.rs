@@ -7,9 +7,11 @@
 #![allow(dead_code)]
 
 pub mod fake_clerk;
+pub mod sidecar;
 
 pub use clerkgate::dev::signing::SigningKey;
 pub use fake_clerk::{Failure, FakeClerk};
+pub use sidecar::{Sidecar, Upstream, client};
 
 /// The current time in Unix seconds, the unit of `iat`/`nbf`/`exp` (RFC 7519 §2 NumericDate).
 pub fn now() -> u64 {
