@@ -12,10 +12,14 @@ use crate::auth::cache::TokenCache;
 use crate::auth::identity::IdentityBuilder;
 use crate::auth::jwks::{JwksSettings, KeyStore};
 use crate::auth::verify::Verifier;
+use crate::clerk::api::BackendApi;
 use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
 use crate::server::{self, Limits};
+use crate::sessions::{Guard, InMemoryStore, SessionStore};
 use crate::telemetry::Metrics;
+use crate::webhook::Webhooks;
+use std::time::Duration;
 
 /// The listeners, bound by the caller (`main` from the config, tests on port 0).
 pub struct Listeners {
@@ -86,9 +90,38 @@ impl App {
             IdentityBuilder::new(&config.headers),
             metrics.clone(),
         ));
+        let store: Arc<dyn SessionStore> = Arc::new(InMemoryStore::new(
+            Duration::from_secs(config.sessions.duration_seconds),
+            config.sessions.max_entries,
+            // Retain webhook ids well past the Svix tolerance window.
+            Duration::from_secs(
+                config
+                    .webhooks
+                    .tolerance_seconds
+                    .saturating_mul(2)
+                    .max(3600),
+            ),
+        ));
+        let api = match &instance.secret_key {
+            Some(secret) => Some(Arc::new(
+                BackendApi::new(
+                    instance.api_url.clone(),
+                    secret.clone(),
+                    Duration::from_millis(config.sessions.api_timeout_ms.max(1)),
+                    config.sessions.api_budget_per_10s,
+                    metrics.clone(),
+                )
+                .map_err(|e| ConfigError::new("clerk.api_url", format!("HTTP client: {e}")))?,
+            )),
+            None => None,
+        };
+        let sessions = Arc::new(Guard::new(&config.sessions, store, api, metrics.clone()));
+        let webhooks = Arc::new(Webhooks::new(&config, sessions.clone(), metrics.clone())?);
         let proxy = Arc::new(Proxy::new(
             &config,
             auth,
+            sessions,
+            webhooks,
             instance.cookie_suffix.as_deref(),
             metrics.clone(),
         )?);

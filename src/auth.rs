@@ -114,6 +114,12 @@ pub enum AuthError {
     IatBeforeClientUat,
     #[error("no usable verification keys")]
     KeysUnavailable,
+    #[error("session revoked or ended")]
+    SessionRevoked,
+    #[error("user deleted, banned or locked")]
+    UserRevoked,
+    #[error("session state cannot be checked")]
+    SessionCheckUnavailable,
 }
 
 impl AuthError {
@@ -136,6 +142,9 @@ impl AuthError {
             Self::NoClientUat => AuthFailure::SessionTokenButNoClientUat,
             Self::IatBeforeClientUat => AuthFailure::SessionTokenIatBeforeClientUat,
             Self::KeysUnavailable => AuthFailure::KeysUnavailable,
+            Self::SessionRevoked => AuthFailure::SessionRevoked,
+            Self::UserRevoked => AuthFailure::UserRevoked,
+            Self::SessionCheckUnavailable => AuthFailure::SessionCheckUnavailable,
         }
     }
 }

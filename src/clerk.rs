@@ -5,6 +5,7 @@
 //! the cookie suffix, and where verification keys come from. Nothing on the request path
 //! re-derives any of it.
 
+pub mod api;
 pub mod claims;
 pub mod publishable_key;
 

@@ -17,7 +17,7 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, auth, clerk, proxy, shutdown, telemetry};
+use crate::{admin, auth, clerk, proxy, sessions, shutdown, telemetry, webhook};
 
 /// The whole configuration, as composed from the sections.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -29,6 +29,8 @@ pub struct Config {
     pub auth: auth::Config,
     pub headers: auth::identity::HeadersConfig,
     pub routes: Vec<auth::policy::RouteConfig>,
+    pub webhooks: webhook::Config,
+    pub sessions: sessions::Config,
     pub log: telemetry::LogConfig,
     pub shutdown: shutdown::Config,
 }
@@ -67,6 +69,18 @@ const CLERK_VARIABLES: &[(&str, &str, ClerkVar)] = &[
         ClerkVar::List,
     ),
     ("CLERK_JWT_TTL", "clerk.jwks_ttl_seconds", ClerkVar::Integer),
+    // Clerk's docs use both names; the shorter one wins when both are set.
+    (
+        "CLERK_WEBHOOK_SIGNING_SECRET",
+        "webhooks.secret",
+        ClerkVar::Text,
+    ),
+    ("CLERK_WEBHOOK_SECRET", "webhooks.secret", ClerkVar::Text),
+    (
+        "CLERK_SESSION_DURATION",
+        "sessions.duration_seconds",
+        ClerkVar::Integer,
+    ),
 ];
 
 #[derive(Clone, Copy)]
@@ -141,6 +155,7 @@ impl Config {
             }
             let key = path.join(".");
             let value = if key.ends_with("secret_key")
+                || key.ends_with("secret")
                 || key.ends_with("publishable_key")
                 || key.ends_with("jwt_key")
             {
@@ -196,6 +211,14 @@ impl Config {
         self.clerk.validate()?;
         self.auth.validate()?;
         self.headers.validate()?;
+        self.webhooks.validate()?;
+        self.sessions.validate()?;
+        if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
+            return Err(ConfigError::new(
+                "sessions.check",
+                "\"api\" needs clerk.secret_key (CLERK_SECRET_KEY) to call the Backend API",
+            ));
+        }
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("routes[{i}]"))?;
         }
@@ -303,6 +326,18 @@ mod tests {
         assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:18080");
         assert_eq!(c.auth.clock_skew_ms, 0);
         assert_eq!(c.clerk.jwks_ttl_seconds, 90, "CLERKGATE_ wins over CLERK_");
+        let c = Config::load(
+            None,
+            [
+                ("CLERK_SECRET_KEY", "sk_test_abc"),
+                ("CLERK_PUBLISHABLE_KEY", pk()),
+                ("CLERK_WEBHOOK_SIGNING_SECRET", "whsec_c2lnbmluZw=="),
+                ("CLERK_SESSION_DURATION", "600"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.webhooks.secret.unwrap().expose(), "whsec_c2lnbmluZw==");
+        assert_eq!(c.sessions.duration_seconds, 600);
     }
 
     #[test]

@@ -10,12 +10,14 @@
 //!   maps refusals to responses.
 //! - [`server`] is the accept loop, [`admin`] the health and metrics listener, [`shutdown`] the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
+//! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
+//!   consulted after every verification.
 //! - [`dev`] is `clerkgate dev`: an in-memory signing key, a local JWKS, an echo upstream.
 //!
 //! # Request path
 //!
 //! accept -> normalise path -> strip reserved headers -> route match -> extract token ->
-//! cache or verify -> cookie freshness -> policy -> set identity headers -> forward -> metrics.
+//! cache or verify -> cookie freshness -> session deny-list -> policy -> set identity headers -> forward -> metrics.
 //! See [`proxy`].
 
 pub mod admin;
@@ -28,8 +30,10 @@ pub mod dev;
 pub mod proxy;
 pub mod rejection;
 pub mod server;
+pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Idempotent. Called first thing in
 /// `main` (and by tests) so that no dependency can make rustls pick another provider.

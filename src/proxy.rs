@@ -175,7 +175,7 @@ pub struct UpstreamBase {
 }
 
 impl UpstreamBase {
-    fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let pq = match query {
             Some(q) => format!("{}{path}?{q}", self.prefix),
             None if self.prefix.is_empty() => path.to_owned(),
@@ -192,6 +192,8 @@ impl UpstreamBase {
 /// Everything the request path needs, built once.
 pub struct Proxy {
     pub auth: Arc<Authenticator>,
+    sessions: Arc<crate::sessions::Guard>,
+    webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
     cookies: CookieNames,
@@ -218,6 +220,8 @@ impl Proxy {
     pub fn new(
         config: &crate::config::Config,
         auth: Arc<Authenticator>,
+        sessions: Arc<crate::sessions::Guard>,
+        webhooks: Arc<crate::webhook::Webhooks>,
         cookie_suffix: Option<&str>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
@@ -231,6 +235,8 @@ impl Proxy {
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             auth,
+            sessions,
+            webhooks,
             policy: Policy::new(&config.routes),
             cookies: CookieNames::new(cookie_suffix),
             spoof: config.auth.on_spoofed_header,
@@ -255,7 +261,13 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let (resp, outcome) = if self.is_forward_auth(req.uri().path()) {
+        let (resp, outcome) = if self.webhooks.matches(req.uri().path()) {
+            // Verified by its Svix signature, not by a session token.
+            (
+                self.webhooks.handle(req).await.map(Either::Right),
+                Outcome::Webhook,
+            )
+        } else if self.is_forward_auth(req.uri().path()) {
             self.forward_auth(req).await
         } else {
             self.proxy(req, conn).await
@@ -318,7 +330,7 @@ impl Proxy {
             }
             Err(e) => return Decision::Reject(Rejection::Auth(e)),
         };
-        let result = self
+        let mut result = self
             .auth
             .authenticate(found.token, now_ms())
             .await
@@ -328,11 +340,17 @@ impl Proxy {
                 }
                 Ok(identity)
             });
+        // Revocation is checked after verification on every request, cache hits included.
+        if let Ok(identity) = &result
+            && let Err(e) = self.sessions.check(identity).await
+        {
+            result = Err(e);
+        }
         let identity = match result {
             Ok(identity) => identity,
             // An outage is never hidden behind "anonymous".
-            Err(AuthError::KeysUnavailable) => {
-                return Decision::Reject(Rejection::Auth(AuthError::KeysUnavailable));
+            Err(e @ (AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)) => {
+                return Decision::Reject(Rejection::Auth(e));
             }
             Err(e) if optional => {
                 self.metrics.auth_failures.inc(e.failure());

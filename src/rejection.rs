@@ -31,7 +31,9 @@ impl Rejection {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Auth(e) => match e {
-                AuthError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
                 AuthError::Missing
                 | AuthError::Invalid
                 | AuthError::InvalidAlgorithm
@@ -46,7 +48,9 @@ impl Rejection {
                 | AuthError::KidMismatch
                 | AuthError::SessionPending
                 | AuthError::NoClientUat
-                | AuthError::IatBeforeClientUat => StatusCode::UNAUTHORIZED,
+                | AuthError::IatBeforeClientUat
+                | AuthError::SessionRevoked
+                | AuthError::UserRevoked => StatusCode::UNAUTHORIZED,
             },
             Self::Policy(_) => StatusCode::FORBIDDEN,
             Self::Path(_) | Self::SpoofedHeader => StatusCode::BAD_REQUEST,
@@ -80,7 +84,8 @@ impl Rejection {
 
     pub fn outcome(self) -> Outcome {
         match self {
-            Self::Auth(AuthError::KeysUnavailable) | Self::Draining => Outcome::Unavailable,
+            Self::Auth(AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)
+            | Self::Draining => Outcome::Unavailable,
             Self::Auth(_) => Outcome::Unauthorized,
             Self::Policy(_) => Outcome::Forbidden,
             Self::Path(_) | Self::SpoofedHeader => Outcome::BadRequest,
@@ -122,7 +127,8 @@ impl Rejection {
                     HeaderValue::from_static("Bearer realm=\"clerkgate\""),
                 );
             }
-            Self::Auth(AuthError::KeysUnavailable) | Self::Draining => {
+            Self::Auth(AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)
+            | Self::Draining => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::Auth(_) => {

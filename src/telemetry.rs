@@ -79,6 +79,102 @@ label_enum! {
         Unavailable => "unavailable",
         UpstreamError => "upstream_error",
         ForwardAuthAllowed => "forward_auth_allowed",
+        Webhook => "webhook",
+    }
+}
+
+/// A counter family with two closed labels, pre-resolved as a matrix.
+pub struct LabeledCounter2<A: Label, B: Label> {
+    counters: Vec<IntCounter>,
+    _labels: std::marker::PhantomData<(A, B)>,
+}
+
+impl<A: Label, B: Label> LabeledCounter2<A, B> {
+    fn register(registry: &Registry, name: &str, help: &str, labels: [&str; 2]) -> Self {
+        let vec = IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric");
+        registry
+            .register(Box::new(vec.clone()))
+            .expect("metric registered once");
+        let mut counters = Vec::with_capacity(A::ALL.len() * B::ALL.len());
+        for a in A::ALL {
+            for b in B::ALL {
+                counters.push(vec.with_label_values(&[a.as_label(), b.as_label()]));
+            }
+        }
+        Self {
+            counters,
+            _labels: std::marker::PhantomData,
+        }
+    }
+
+    pub fn inc(&self, a: A, b: B) {
+        self.counters[a.index() * B::ALL.len() + b.index()].inc();
+    }
+
+    pub fn get(&self, a: A, b: B) -> u64 {
+        self.counters[a.index() * B::ALL.len() + b.index()].get()
+    }
+}
+
+label_enum! {
+    /// Clerk webhook event types clerkgate distinguishes; everything else is `other`.
+    pub enum WebhookEventType {
+        SessionCreated => "session.created",
+        SessionPending => "session.pending",
+        SessionEnded => "session.ended",
+        SessionRemoved => "session.removed",
+        SessionRevoked => "session.revoked",
+        UserCreated => "user.created",
+        UserUpdated => "user.updated",
+        UserDeleted => "user.deleted",
+        Other => "other",
+        /// Refused before the payload could be trusted.
+        Unverified => "unverified",
+    }
+}
+
+label_enum! {
+    /// What happened to a webhook delivery.
+    pub enum WebhookResult {
+        Processed => "processed",
+        Duplicate => "duplicate",
+        Malformed => "malformed",
+        BadSignature => "bad_signature",
+        Stale => "stale",
+        TooLarge => "too_large",
+        Unconfigured => "unconfigured",
+        ForwardFailed => "forward_failed",
+    }
+}
+
+label_enum! {
+    /// Result of consulting session state for a verified token.
+    pub enum SessionCheckResult {
+        Allowed => "allowed",
+        SessionRevoked => "session_revoked",
+        UserRevoked => "user_revoked",
+        Inactive => "inactive",
+        Unavailable => "unavailable",
+        FailOpen => "fail_open",
+    }
+}
+
+label_enum! {
+    /// Backend API endpoints clerkgate calls.
+    pub enum ApiEndpoint {
+        SessionsGet => "sessions_get",
+    }
+}
+
+label_enum! {
+    /// Result of one Backend API call.
+    pub enum ApiResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        RateLimited => "rate_limited",
+        Error => "error",
+        Timeout => "timeout",
+        BudgetExhausted => "budget_exhausted",
     }
 }
 
@@ -101,6 +197,9 @@ label_enum! {
         SessionTokenButNoClientUat => "session-token-but-no-client-uat",
         SessionTokenIatBeforeClientUat => "session-token-iat-before-client-uat",
         KeysUnavailable => "jwk-remote-failed-to-load",
+        SessionRevoked => "session-revoked",
+        UserRevoked => "user-revoked",
+        SessionCheckUnavailable => "session-check-unavailable",
     }
 }
 
@@ -142,6 +241,10 @@ pub struct Metrics {
     pub token_cache_misses: IntCounter,
     pub spoofed_headers: IntCounter,
     pub ready: IntGauge,
+    pub webhook_events: LabeledCounter2<WebhookEventType, WebhookResult>,
+    pub revoked_sessions: IntGauge,
+    pub session_checks: LabeledCounter<SessionCheckResult>,
+    pub clerk_api_requests: LabeledCounter2<ApiEndpoint, ApiResult>,
 }
 
 impl Metrics {
@@ -231,6 +334,28 @@ impl Metrics {
                 "Client-sent headers with a reserved identity name (removed or rejected).",
             ),
             ready: int_gauge("clerkgate_ready", "1 when /readyz answers 200."),
+            webhook_events: LabeledCounter2::register(
+                &registry,
+                "clerkgate_webhook_events_total",
+                "Clerk webhook deliveries, by event type and result.",
+                ["type", "result"],
+            ),
+            revoked_sessions: int_gauge(
+                "clerkgate_revoked_sessions",
+                "Session ids currently on the deny-list.",
+            ),
+            session_checks: LabeledCounter::register(
+                &registry,
+                "clerkgate_session_checks_total",
+                "Session-state checks of verified tokens, by result.",
+                "result",
+            ),
+            clerk_api_requests: LabeledCounter2::register(
+                &registry,
+                "clerkgate_clerk_api_requests_total",
+                "Calls to the Clerk Backend API, by endpoint and result.",
+                ["endpoint", "result"],
+            ),
             registry,
         }
     }

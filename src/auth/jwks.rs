@@ -23,7 +23,6 @@ use aws_lc_rs::rsa::PublicKeyComponents;
 use aws_lc_rs::signature::ParsedPublicKey;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
@@ -454,21 +453,13 @@ async fn fetch(remote: &Remote) -> Result<KeySet, FetchError> {
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
-    if resp
-        .content_length()
-        .is_some_and(|n| n > remote.settings.max_body_bytes as u64)
-    {
-        return Err(FetchError::TooLarge);
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(classify)?;
-        if body.len() + chunk.len() > remote.settings.max_body_bytes {
-            return Err(FetchError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = crate::clerk::api::read_capped(resp, remote.settings.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            crate::clerk::api::BodyError::TooLarge => FetchError::TooLarge,
+            crate::clerk::api::BodyError::Timeout => FetchError::Timeout,
+            crate::clerk::api::BodyError::Read(e) => FetchError::Network(e),
+        })?;
     parse_jwks(&body)
 }
 

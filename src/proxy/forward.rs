@@ -14,12 +14,17 @@ use crate::telemetry::UpstreamErrorKind;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
-/// Builds the pooled client. Fails only when the platform's TLS roots cannot be loaded.
-pub fn client(
+/// Builds the pooled client for request bodies of type `B`. Fails only when the platform's TLS roots cannot be loaded.
+pub fn client<B>(
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
-) -> std::io::Result<UpstreamClient> {
+) -> std::io::Result<Client<HttpsConnector<HttpConnector>, B>>
+where
+    B: hyper::body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));

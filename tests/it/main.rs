@@ -1,3 +1,4 @@
-mod proxy_basics;
 mod support;
 mod support_smoke;
+mod proxy_basics;
+mod sessions;

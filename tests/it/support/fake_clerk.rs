@@ -67,6 +67,12 @@ struct State {
     published: Vec<String>,
     current: Arc<SigningKey>,
     failure: Failure,
+    /// Session statuses served by `GET /v1/sessions/{id}`.
+    sessions: std::collections::HashMap<String, String>,
+    /// Failure injection for the sessions endpoint alone.
+    session_failure: Failure,
+    /// `GET /v1/sessions/{id}` requests received.
+    session_fetches: usize,
 }
 
 impl FakeClerk {
@@ -81,6 +87,9 @@ impl FakeClerk {
                 published: vec![key.kid().to_owned()],
                 current: key,
                 failure: Failure::None,
+                sessions: Default::default(),
+                session_failure: Failure::None,
+                session_fetches: 0,
             }),
             fetches: watch::Sender::new(0),
         });
@@ -178,6 +187,35 @@ impl FakeClerk {
         )
     }
 
+    /// Sets the status `GET /v1/sessions/{sid}` reports (unknown sessions are 404).
+    pub fn set_session(&self, sid: &str, status: &str) {
+        self.state()
+            .sessions
+            .insert(sid.to_owned(), status.to_owned());
+    }
+
+    /// Makes `GET /v1/sessions/{id}` misbehave (independently of the JWKS endpoints).
+    pub fn fail_sessions(&self, failure: Failure) {
+        self.state().session_failure = failure;
+    }
+
+    /// `GET /v1/sessions/{id}` requests received so far.
+    pub fn session_fetches(&self) -> usize {
+        self.state().session_fetches
+    }
+
+    /// The instance's webhook signing secret (`whsec_...`), fixed per process.
+    pub fn webhook_secret(&self) -> &'static str {
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    }
+
+    /// Signs a webhook delivery as Svix would: the `svix-signature` header value.
+    pub fn sign_webhook(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
+        clerkgate::webhook::signature::WebhookSecret::parse(self.webhook_secret())
+            .expect("valid secret")
+            .sign(id, timestamp, body)
+    }
+
     fn current(&self) -> Arc<SigningKey> {
         self.state().current.clone()
     }
@@ -254,6 +292,9 @@ async fn handle(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let path = request.uri().path();
+    if let Some(sid) = path.strip_prefix("/v1/sessions/") {
+        return Ok(session(&request, sid, &shared, &mut shutdown).await);
+    }
     let needs_secret = match path {
         "/v1/jwks" => true,
         "/.well-known/jwks.json" => false,
@@ -359,4 +400,79 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// `GET /v1/sessions/{id}`: secret required, failure injection, statuses set by the test.
+async fn session(
+    request: &Request<Incoming>,
+    sid: &str,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Response<Full<Bytes>> {
+    let (failure, status) = {
+        let mut state = shared.state();
+        state.session_fetches += 1;
+        (
+            state.session_failure.clone(),
+            state.sessions.get(sid).cloned(),
+        )
+    };
+    match failure {
+        Failure::None => {}
+        Failure::Status(code) => {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            return clerk_error(status, "internal_clerk_error", "error", "injected failure");
+        }
+        Failure::Hang => {
+            stopped(shutdown).await;
+            return clerk_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "stopped",
+                "stopped",
+            );
+        }
+        Failure::Body(bytes) => return json_response(StatusCode::OK, Bytes::from(bytes)),
+        Failure::RetryAfter(seconds) => {
+            let mut response = clerk_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests",
+                "Too many requests, retry later.",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
+    }
+    let expected = format!("Bearer {}", shared.secret_key);
+    if request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        != Some(expected.as_bytes())
+    {
+        return clerk_error(
+            StatusCode::UNAUTHORIZED,
+            "clerk_key_invalid",
+            "Secret Key is invalid",
+            "invalid",
+        );
+    }
+    match status {
+        Some(status) => json_response(
+            StatusCode::OK,
+            Bytes::from(
+                json!({"object": "session", "id": sid, "status": status, "user_id": "user_1"})
+                    .to_string(),
+            ),
+        ),
+        None => clerk_error(
+            StatusCode::NOT_FOUND,
+            "resource_not_found",
+            "not found",
+            "No session",
+        ),
+    }
 }

@@ -1,0 +1,393 @@
+//! Session state at the edge: the deny-list, the webhook ids already processed, and session
+//! statuses, behind one small interface ([`SessionStore`]).
+//!
+//! Clerk session tokens are stateless and live about 60 s, so every SDK keeps accepting a revoked
+//! session until `exp`. clerkgate closes that window: Clerk webhooks (and the Backend API, in
+//! `api` mode) feed this store, and the proxy consults it after signature verification on every
+//! request, verified-token cache hits included.
+//!
+//! The in-memory store is the default; a fleet will share state through another implementation
+//! of the same trait (Redis), which is why the trait is all the proxy and the webhook handler
+//! see. Every map is bounded, and entries live `duration_seconds` (`CLERK_SESSION_DURATION`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::identity::Identity;
+use crate::config::ConfigError;
+
+/// `[sessions]`: how revocation is enforced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `webhook` (deny-list fed by webhooks), `api` (also ask the Backend API once per session),
+    /// or `off`.
+    pub check: CheckMode,
+    /// `CLERK_SESSION_DURATION`: seconds revocations and session state are retained.
+    pub duration_seconds: u64,
+    /// Most entries in each map (deny-lists, statuses, webhook ids).
+    pub max_entries: u64,
+    /// `api` mode: seconds a session status from the Backend API is trusted.
+    pub status_ttl_seconds: u64,
+    /// `api` mode: longest a request waits for the Backend API before the failure policy applies.
+    pub api_timeout_ms: u64,
+    /// `api` mode: Backend API calls allowed per 10 s (Clerk allows 100 in development, 1000 in
+    /// production; stay below).
+    pub api_budget_per_10s: u32,
+    /// `api` mode: let requests through when the Backend API cannot answer.
+    pub fail_open: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            check: CheckMode::Webhook,
+            duration_seconds: 86_400,
+            max_entries: 100_000,
+            status_ttl_seconds: 60,
+            api_timeout_ms: 1_000,
+            api_budget_per_10s: 90,
+            fail_open: false,
+        }
+    }
+}
+
+/// Upper bound of any retention setting (the maps' TTLs must stay representable).
+pub const MAX_RETENTION_SECONDS: u64 = 10 * 365 * 86_400;
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("sessions.duration_seconds", self.duration_seconds),
+            ("sessions.status_ttl_seconds", self.status_ttl_seconds),
+        ] {
+            if v == 0 || v > MAX_RETENTION_SECONDS {
+                return Err(ConfigError::new(key, "must be between 1 and 10 years"));
+            }
+        }
+        if self.max_entries == 0 {
+            return Err(ConfigError::new(
+                "sessions.max_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.check == CheckMode::Api && self.api_budget_per_10s == 0 {
+            return Err(ConfigError::new(
+                "sessions.api_budget_per_10s",
+                "must be at least 1 in api mode",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckMode {
+    Webhook,
+    Api,
+    Off,
+}
+
+/// Why a verified token is no longer accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    Session,
+    User,
+}
+
+/// What happened to a webhook id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WebhookProgress {
+    /// The local state change was applied.
+    pub applied: bool,
+    /// The event reached the upstream (or forwarding is off).
+    pub delivered: bool,
+}
+
+/// The interface the proxy and the webhook handler use.
+pub trait SessionStore: Send + Sync {
+    /// Denies a session id from now on.
+    fn deny_session(&self, sid: &str);
+    /// Denies every token of a user issued before `at_ms` (deletion, ban, lock).
+    fn deny_user_before(&self, user_id: &str, at_ms: u64);
+    /// Checks a verified identity against the deny-lists. Hot path: no I/O.
+    fn check(&self, identity: &Identity) -> Result<(), Denied>;
+    /// Records a session's status (from a webhook or the Backend API).
+    fn set_status(&self, sid: &str, status: &str);
+    /// A recorded session status.
+    fn status(&self, sid: &str) -> Option<Arc<str>>;
+    /// Progress of a webhook id (default when never seen).
+    fn webhook_progress(&self, id: &str) -> WebhookProgress;
+    fn set_webhook_progress(&self, id: &str, progress: WebhookProgress);
+    /// Denied sessions currently held (for the gauge).
+    fn denied_sessions(&self) -> u64;
+}
+
+/// The default, per-process store.
+pub struct InMemoryStore {
+    sessions: moka::sync::Cache<String, ()>,
+    users: moka::sync::Cache<String, u64>,
+    statuses: moka::sync::Cache<String, Arc<str>>,
+    webhooks: moka::sync::Cache<String, WebhookProgress>,
+    /// Set once anything was ever denied: until then the hot path skips both lookups.
+    any_denied: AtomicBool,
+}
+
+impl InMemoryStore {
+    /// `webhook_retention` must cover the Svix tolerance window (and retries within it).
+    pub fn new(duration: Duration, max_entries: u64, webhook_retention: Duration) -> Self {
+        Self {
+            sessions: bounded(max_entries, duration),
+            users: bounded(max_entries, duration),
+            statuses: bounded(max_entries, duration),
+            webhooks: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(webhook_retention)
+                .build(),
+            any_denied: AtomicBool::new(false),
+        }
+    }
+}
+
+fn bounded<V: Clone + Send + Sync + 'static>(
+    max_entries: u64,
+    ttl: Duration,
+) -> moka::sync::Cache<String, V> {
+    moka::sync::Cache::builder()
+        .max_capacity(max_entries)
+        .time_to_live(ttl)
+        .build()
+}
+
+impl SessionStore for InMemoryStore {
+    fn deny_session(&self, sid: &str) {
+        self.sessions.insert(sid.to_owned(), ());
+        self.any_denied.store(true, Ordering::Release);
+    }
+
+    fn deny_user_before(&self, user_id: &str, at_ms: u64) {
+        // Keep the latest cut-off if several events arrive.
+        let at = self
+            .users
+            .get(user_id)
+            .map_or(at_ms, |prev| prev.max(at_ms));
+        self.users.insert(user_id.to_owned(), at);
+        self.any_denied.store(true, Ordering::Release);
+    }
+
+    fn check(&self, identity: &Identity) -> Result<(), Denied> {
+        if !self.any_denied.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(sid) = &identity.session_id
+            && self.sessions.contains_key(sid)
+        {
+            return Err(Denied::Session);
+        }
+        if let Some(cutoff_ms) = self.users.get(&identity.user_id) {
+            // Tokens issued at or after the cut-off (a new sign-in after an unban) pass; no
+            // `iat` means we cannot tell, so deny.
+            let issued_ms = identity.iat.map(|s| (s.max(0) as u64).saturating_mul(1000));
+            if issued_ms.is_none_or(|iat| iat < cutoff_ms) {
+                return Err(Denied::User);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_status(&self, sid: &str, status: &str) {
+        self.statuses.insert(sid.to_owned(), Arc::from(status));
+    }
+
+    fn status(&self, sid: &str) -> Option<Arc<str>> {
+        self.statuses.get(sid)
+    }
+
+    fn webhook_progress(&self, id: &str) -> WebhookProgress {
+        self.webhooks.get(id).unwrap_or_default()
+    }
+
+    fn set_webhook_progress(&self, id: &str, progress: WebhookProgress) {
+        self.webhooks.insert(id.to_owned(), progress);
+    }
+
+    fn denied_sessions(&self) -> u64 {
+        self.sessions.run_pending_tasks();
+        self.sessions.entry_count()
+    }
+}
+
+/// What the proxy calls after verification: the deny-lists, and in `api` mode the session's
+/// status from the Backend API (cached, concurrent misses coalesced into one call).
+pub struct Guard {
+    mode: CheckMode,
+    store: Arc<dyn SessionStore>,
+    api: Option<Arc<crate::clerk::api::BackendApi>>,
+    statuses: moka::future::Cache<String, Arc<str>>,
+    timeout: Duration,
+    fail_open: bool,
+    metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl Guard {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn SessionStore>,
+        api: Option<Arc<crate::clerk::api::BackendApi>>,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> Self {
+        Self {
+            mode: config.check,
+            store,
+            api,
+            statuses: moka::future::Cache::builder()
+                .max_capacity(config.max_entries)
+                .time_to_live(Duration::from_secs(config.status_ttl_seconds.max(1)))
+                .build(),
+            timeout: Duration::from_millis(config.api_timeout_ms),
+            fail_open: config.fail_open,
+            metrics,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// Forgets a cached status (a webhook changed it).
+    pub async fn forget(&self, sid: &str) {
+        self.statuses.invalidate(sid).await;
+    }
+
+    pub async fn check(&self, identity: &Identity) -> Result<(), crate::auth::AuthError> {
+        use crate::auth::AuthError;
+        use crate::telemetry::SessionCheckResult as R;
+        if self.mode == CheckMode::Off {
+            return Ok(());
+        }
+        match self.store.check(identity) {
+            Ok(()) => {}
+            Err(Denied::Session) => {
+                self.metrics.session_checks.inc(R::SessionRevoked);
+                return Err(AuthError::SessionRevoked);
+            }
+            Err(Denied::User) => {
+                self.metrics.session_checks.inc(R::UserRevoked);
+                return Err(AuthError::UserRevoked);
+            }
+        }
+        let (CheckMode::Api, Some(api), Some(sid)) = (self.mode, &self.api, &identity.session_id)
+        else {
+            return Ok(());
+        };
+        let status = match self.store.status(sid) {
+            Some(status) => Ok(status),
+            None => {
+                let api = api.clone();
+                let id = sid.clone();
+                let fetch = async move {
+                    api.get_session(&id)
+                        .await
+                        .map(|s| Arc::<str>::from(s.status.as_str()))
+                        .or_else(|e| match e {
+                            // A session Clerk does not know is not active.
+                            crate::clerk::api::ApiError::NotFound => Ok(Arc::from("not_found")),
+                            e => Err(e),
+                        })
+                };
+                match tokio::time::timeout(
+                    self.timeout,
+                    self.statuses.try_get_with(sid.clone(), fetch),
+                )
+                .await
+                {
+                    Ok(Ok(status)) => Ok(status),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                }
+            }
+        };
+        match status {
+            Ok(status) if &*status == "active" || &*status == "pending" => {
+                self.metrics.session_checks.inc(R::Allowed);
+                Ok(())
+            }
+            Ok(_) => {
+                self.metrics.session_checks.inc(R::Inactive);
+                Err(AuthError::SessionRevoked)
+            }
+            Err(why) if self.fail_open => {
+                tracing::warn!(error = %why, "session check failed; failing open as configured");
+                self.metrics.session_checks.inc(R::FailOpen);
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "session check failed; refusing (sessions.fail_open = false)");
+                self.metrics.session_checks.inc(R::Unavailable);
+                Err(AuthError::SessionCheckUnavailable)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(sub: &str, sid: Option<&str>, iat: Option<i64>) -> Identity {
+        Identity {
+            user_id: sub.into(),
+            session_id: sid.map(Into::into),
+            org: None,
+            actor_id: None,
+            iat,
+            exp_ms: 0,
+            claims: Default::default(),
+            headers: vec![],
+        }
+    }
+
+    fn store() -> InMemoryStore {
+        InMemoryStore::new(Duration::from_secs(60), 100, Duration::from_secs(600))
+    }
+
+    #[test]
+    fn denied_sessions_and_users_are_refused() {
+        let s = store();
+        let ok = identity("user_1", Some("sess_1"), Some(1_000));
+        assert_eq!(s.check(&ok), Ok(()));
+        s.deny_session("sess_1");
+        assert_eq!(s.check(&ok), Err(Denied::Session));
+        assert_eq!(
+            s.check(&identity("user_1", Some("sess_2"), Some(1_000))),
+            Ok(())
+        );
+        s.deny_user_before("user_2", 2_000_000);
+        assert_eq!(
+            s.check(&identity("user_2", Some("sess_3"), Some(1_999))),
+            Err(Denied::User)
+        );
+        assert_eq!(
+            s.check(&identity("user_2", Some("sess_4"), Some(2_000))),
+            Ok(()),
+            "new sign-in after the cut-off"
+        );
+        assert_eq!(s.check(&identity("user_2", None, None)), Err(Denied::User));
+    }
+
+    #[test]
+    fn webhook_progress_is_remembered() {
+        let s = store();
+        assert_eq!(s.webhook_progress("msg_1"), WebhookProgress::default());
+        let p = WebhookProgress {
+            applied: true,
+            delivered: false,
+        };
+        s.set_webhook_progress("msg_1", p);
+        assert_eq!(s.webhook_progress("msg_1"), p);
+    }
+}

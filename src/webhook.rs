@@ -1,0 +1,367 @@
+//! The Clerk webhook endpoint: `POST /webhooks/clerk` on the proxy listener, verified by the Svix
+//! scheme instead of a session token.
+//!
+//! Sequence: method, secret configured, body capped and read as raw bytes, delivery headers,
+//! timestamp window and signature against an injected `now` ([`signature`]), then idempotency by
+//! webhook id: an id whose state change was applied is never applied twice; one whose forwarding
+//! failed is forwarded again on Svix's retry. Only then is the payload parsed ([`events`]).
+//! Error bodies carry a reason code and nothing from the payload.
+
+pub mod events;
+pub mod signature;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, Secret};
+use crate::sessions::Guard;
+use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
+use signature::{SignatureError, WebhookSecret};
+
+/// `[webhooks]`: the Clerk webhook endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `CLERK_WEBHOOK_SECRET` or `CLERK_WEBHOOK_SIGNING_SECRET`: the `whsec_...` signing secret.
+    pub secret: Option<Secret>,
+    /// Path of the endpoint on the proxy listener; empty disables it.
+    pub path: String,
+    /// Largest body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Allowed distance between the delivery timestamp and now, both directions.
+    pub tolerance_seconds: u64,
+    /// Upstream path that receives verified events (body unchanged); unset keeps them local.
+    pub forward_path: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            path: "/webhooks/clerk".into(),
+            max_body_bytes: 1024 * 1024,
+            tolerance_seconds: 300,
+            forward_path: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(secret) = &self.secret {
+            WebhookSecret::parse(secret.expose())
+                .map_err(|e| ConfigError::new("webhooks.secret", e.to_string()))?;
+        }
+        if !self.path.is_empty() && !self.path.starts_with('/') {
+            return Err(ConfigError::new(
+                "webhooks.path",
+                "must start with / (or be empty)",
+            ));
+        }
+        if let Some(p) = &self.forward_path
+            && !p.starts_with('/')
+        {
+            return Err(ConfigError::new(
+                "webhooks.forward_path",
+                "must start with /",
+            ));
+        }
+        if self.tolerance_seconds > crate::sessions::MAX_RETENTION_SECONDS {
+            return Err(ConfigError::new(
+                "webhooks.tolerance_seconds",
+                "must be at most 10 years",
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "webhooks.max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sends verified events to the upstream.
+struct Forwarder {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uri: http::Uri,
+    timeout: Duration,
+}
+
+/// The endpoint.
+pub struct Webhooks {
+    secret: Option<WebhookSecret>,
+    path: String,
+    max_body: usize,
+    tolerance: i64,
+    forwarder: Option<Forwarder>,
+    sessions: Arc<Guard>,
+    metrics: Arc<Metrics>,
+}
+
+/// Unix seconds now; the handler's only clock read, passed into the pure check.
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn reply(status: StatusCode, key: &str, value: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!(
+        "{{\"{key}\":\"{value}\"}}\n"
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+impl Webhooks {
+    pub fn new(
+        config: &crate::config::Config,
+        sessions: Arc<Guard>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let w = &config.webhooks;
+        let secret = w
+            .secret
+            .as_ref()
+            .map(|s| WebhookSecret::parse(s.expose()))
+            .transpose()
+            .map_err(|e| ConfigError::new("webhooks.secret", e.to_string()))?;
+        if secret.is_none() && !w.path.is_empty() {
+            tracing::warn!(
+                path = %w.path,
+                "no webhook secret (CLERK_WEBHOOK_SECRET): the webhook endpoint answers 503 and revocations arrive only through token expiry"
+            );
+        }
+        let forwarder = match &w.forward_path {
+            None => None,
+            Some(path) => {
+                let base = config.proxy.upstream_base()?;
+                let client = crate::proxy::forward::client(
+                    Duration::from_secs(config.proxy.connect_timeout_seconds),
+                    Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
+                    4,
+                )
+                .map_err(|e| {
+                    ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
+                })?;
+                Some(Forwarder {
+                    client,
+                    uri: base
+                        .uri(path, None)
+                        .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
+                    timeout: Duration::from_secs(config.proxy.upstream_timeout_seconds),
+                })
+            }
+        };
+        Ok(Self {
+            secret,
+            path: w.path.clone(),
+            max_body: w.max_body_bytes,
+            tolerance: w.tolerance_seconds as i64,
+            forwarder,
+            sessions,
+            metrics,
+        })
+    }
+
+    /// Whether a request is for this endpoint (exact path).
+    pub fn matches(&self, path: &str) -> bool {
+        !self.path.is_empty() && path == self.path
+    }
+
+    fn refuse(
+        &self,
+        result: WebhookResult,
+        status: StatusCode,
+        reason: &str,
+    ) -> Response<Full<Bytes>> {
+        self.metrics
+            .webhook_events
+            .inc(WebhookEventType::Unverified, result);
+        tracing::debug!(status = status.as_u16(), reason, "webhook refused");
+        reply(status, "reason", reason)
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.handle_at(req, now_s()).await
+    }
+
+    /// Handles one delivery as of `now` (Unix seconds).
+    pub async fn handle_at(&self, req: Request<Incoming>, now: i64) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST {
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "reason",
+                "method-not-allowed",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return r;
+        }
+        let Some(secret) = &self.secret else {
+            return self.refuse(
+                WebhookResult::Unconfigured,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "webhook-secret-unconfigured",
+            );
+        };
+        let (parts, body) = req.into_parts();
+        if body.size_hint().lower() > self.max_body as u64 {
+            return self.refuse(
+                WebhookResult::TooLarge,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "webhook-body-too-large",
+            );
+        }
+        let body = match Limited::new(body, self.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return self.refuse(
+                    WebhookResult::TooLarge,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "webhook-body-too-large",
+                );
+            }
+            Err(_) => {
+                return self.refuse(
+                    WebhookResult::Malformed,
+                    StatusCode::BAD_REQUEST,
+                    "webhook-body-unreadable",
+                );
+            }
+        };
+        let delivery = match signature::delivery(&parts.headers) {
+            Ok(d) => d,
+            Err(e) => return self.refuse(WebhookResult::Malformed, e.status(), e.as_label()),
+        };
+        if let Err(e) = signature::verify(&delivery, &body, secret, now, self.tolerance) {
+            let result = match e {
+                SignatureError::Stale => WebhookResult::Stale,
+                SignatureError::Mismatch => WebhookResult::BadSignature,
+                SignatureError::MissingHeaders | SignatureError::BadTimestamp => {
+                    WebhookResult::Malformed
+                }
+            };
+            return self.refuse(result, e.status(), e.as_label());
+        }
+
+        // Verified from here on.
+        let store = self.sessions.store();
+        let mut progress = store.webhook_progress(delivery.id);
+        let needs_delivery = self.forwarder.is_some() && !progress.delivered;
+        if progress.applied && !needs_delivery {
+            let kind = events::event_type(&body).unwrap_or(WebhookEventType::Other);
+            self.metrics
+                .webhook_events
+                .inc(kind, WebhookResult::Duplicate);
+            return reply(StatusCode::OK, "status", "duplicate");
+        }
+        let event = match events::parse(&body) {
+            Ok(event) => event,
+            Err(_) => {
+                return self.refuse(
+                    WebhookResult::Malformed,
+                    StatusCode::BAD_REQUEST,
+                    "webhook-payload-invalid",
+                );
+            }
+        };
+        let duplicate = progress.applied;
+        if !progress.applied {
+            let now_ms = (now.max(0) as u64).saturating_mul(1000);
+            events::apply(&event, &self.sessions, now_ms).await;
+            self.metrics
+                .revoked_sessions
+                .set(store.denied_sessions() as i64);
+            progress.applied = true;
+            store.set_webhook_progress(delivery.id, progress);
+            tracing::info!(event = event.kind.as_label_str(), "webhook applied");
+        }
+        if let Some(forwarder) = &self.forwarder
+            && !progress.delivered
+        {
+            if let Err(why) = forwarder.send(&event, delivery.id, body).await {
+                tracing::warn!(error = %why, "webhook forwarding failed; answering 502 so Svix retries");
+                self.metrics
+                    .webhook_events
+                    .inc(event.kind, WebhookResult::ForwardFailed);
+                return reply(StatusCode::BAD_GATEWAY, "reason", "webhook-forward-failed");
+            }
+            progress.delivered = true;
+            store.set_webhook_progress(delivery.id, progress);
+        }
+        let result = if duplicate {
+            WebhookResult::Duplicate
+        } else {
+            WebhookResult::Processed
+        };
+        self.metrics.webhook_events.inc(event.kind, result);
+        reply(
+            StatusCode::OK,
+            "status",
+            if duplicate { "duplicate" } else { "processed" },
+        )
+    }
+}
+
+impl Forwarder {
+    async fn send(&self, event: &events::Event, id: &str, body: Bytes) -> Result<(), String> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.uri.clone();
+        let h = req.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert("x-clerk-webhook-verified", HeaderValue::from_static("1"));
+        if let Ok(v) = HeaderValue::from_str(&event.type_name) {
+            h.insert("x-clerk-webhook-type", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(id) {
+            h.insert("x-clerk-webhook-id", v);
+        }
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+            Ok(Ok(resp)) => Err(format!("upstream answered {}", resp.status())),
+            Ok(Err(e)) => Err(format!("upstream request failed: {e}")),
+            Err(_) => Err("upstream timed out".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rejects_bad_secrets_and_paths() {
+        let c = Config {
+            secret: Some(Secret::new("whsec_!!")),
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "webhooks.secret");
+        let c = Config {
+            forward_path: Some("internal".into()),
+            ..Config::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "webhooks.forward_path");
+    }
+}
