@@ -386,6 +386,39 @@ mod tests {
     }
 
     #[test]
+    fn documented_defaults_match_the_code() {
+        // config/clerkgate.toml documents every default; parsing it must give exactly the
+        // built-in defaults, and every default key must appear in it uncommented.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/clerkgate.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let documented: Config = Figment::from(Toml::string(&text)).extract().unwrap();
+        let as_json = |c: &Config| serde_json::to_value(c).unwrap();
+        assert_eq!(as_json(&documented), as_json(&Config::default()));
+        let defaults = as_json(&Config::default());
+        for (section, keys) in defaults.as_object().unwrap() {
+            let Some(keys) = keys.as_object() else {
+                continue;
+            };
+            let header = format!("[{section}]");
+            assert!(
+                text.contains(&header),
+                "{header} missing from config/clerkgate.toml"
+            );
+            for (key, value) in keys {
+                if value.is_null() {
+                    continue;
+                }
+                let present = text.lines().any(|l| l.starts_with(&format!("{key} = ")));
+                let table = text.contains(&format!("[{section}.{key}]"));
+                assert!(
+                    present || table,
+                    "{section}.{key} missing from config/clerkgate.toml"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn redacted_output_never_contains_secrets() {
         let c = Config::load(
             None,

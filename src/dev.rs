@@ -278,6 +278,10 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
         ..crate::clerk::Config::default()
     };
     config.shutdown.delay_seconds = 0;
+    // Human-readable logs unless the user asked for JSON explicitly.
+    if std::env::var_os("CLERKGATE_LOG__FORMAT").is_none() && file.is_none() {
+        config.log.format = crate::telemetry::LogFormat::Text;
+    }
     if let Err(e) = config.validate() {
         eprintln!("clerkgate: {e}");
         return ExitCode::from(crate::cli::EXIT_CONFIG);
