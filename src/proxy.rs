@@ -67,6 +67,8 @@ pub struct Config {
     pub tls_cert_path: Option<String>,
     /// PEM private key for TLS on the proxy listener.
     pub tls_key_path: Option<String>,
+    /// PEM file of CA certificates trusted for an https upstream instead of the system roots.
+    pub upstream_ca_path: Option<String>,
 }
 
 impl Default for Config {
@@ -87,6 +89,7 @@ impl Default for Config {
             preserve_host: true,
             tls_cert_path: None,
             tls_key_path: None,
+            upstream_ca_path: None,
         }
     }
 }
@@ -230,8 +233,16 @@ impl Proxy {
             Duration::from_secs(p.connect_timeout_seconds),
             Duration::from_secs(p.pool_idle_timeout_seconds),
             p.pool_max_idle,
+            p.upstream_ca_path.as_deref(),
         )
-        .map_err(|e| ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}")))?;
+        .map_err(|e| {
+            let key = if p.upstream_ca_path.is_some() {
+                "proxy.upstream_ca_path"
+            } else {
+                "proxy.upstream"
+            };
+            ConfigError::new(key, format!("TLS roots unavailable: {e}"))
+        })?;
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             auth,
@@ -261,6 +272,9 @@ impl Proxy {
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        // Logged without the query string, which may carry secrets.
+        let log_line = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let (resp, outcome) = if self.webhooks.matches(req.uri().path()) {
             // Verified by its Svix signature, not by a session token.
             (
@@ -273,9 +287,19 @@ impl Proxy {
             self.proxy(req, conn).await
         };
         self.metrics.requests.inc(outcome);
-        self.metrics
-            .request_duration
-            .observe(start.elapsed().as_secs_f64());
+        let elapsed = start.elapsed();
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        if let Some((method, path)) = log_line {
+            tracing::debug!(
+                %method,
+                path,
+                status = resp.status().as_u16(),
+                outcome = crate::telemetry::Label::as_label(outcome),
+                micros = elapsed.as_micros() as u64,
+                peer = %conn.peer,
+                "request"
+            );
+        }
         resp
     }
 

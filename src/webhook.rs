@@ -157,6 +157,7 @@ impl Webhooks {
                     Duration::from_secs(config.proxy.connect_timeout_seconds),
                     Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
                     4,
+                    config.proxy.upstream_ca_path.as_deref(),
                 )
                 .map_err(|e| {
                     ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))

@@ -19,6 +19,7 @@ pub fn client<B>(
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
+    ca_file: Option<&str>,
 ) -> std::io::Result<Client<HttpsConnector<HttpConnector>, B>>
 where
     B: hyper::body::Body + Send + 'static + Unpin,
@@ -30,18 +31,43 @@ where
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = HttpsConnectorBuilder::new()
-        .try_with_platform_verifier()
-        .map_err(std::io::Error::other)?
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    let builder = match ca_file {
+        // A private CA for the upstream (a service mesh, an internal PKI): trust only it.
+        Some(path) => HttpsConnectorBuilder::new().with_tls_config(private_roots(path)?),
+        None => HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(std::io::Error::other)?,
+    };
+    let https = builder.https_or_http().enable_http1().wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(max_idle_per_host)
         .build(https))
+}
+
+/// A rustls client configuration trusting only the certificates in a PEM file.
+fn private_roots(path: &str) -> std::io::Result<rustls::ClientConfig> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .map_err(|e| std::io::Error::other(format!("{path}: {e}")))?
+    {
+        let cert = cert.map_err(|e| std::io::Error::other(format!("{path}: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| std::io::Error::other(format!("{path}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(std::io::Error::other(format!(
+            "{path}: no certificate found"
+        )));
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Sorts a client error into a closed kind.

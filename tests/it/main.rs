@@ -1,4 +1,5 @@
-mod support;
-mod support_smoke;
 mod proxy_basics;
 mod sessions;
+mod support;
+mod support_smoke;
+mod upstream_tls;
