@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::policy::{AuthMode, Policy, Route};
+use crate::auth::policy::{AuthMode, Policy, RouteMatch};
 use crate::auth::token::{self, Carrier, CookieNames};
 use crate::auth::{AuthError, Authenticator, SpoofPolicy, identity::Identity, now_ms};
 use crate::config::ConfigError;
@@ -57,6 +57,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Forward-auth endpoint for ingress controllers; empty disables it.
     pub forward_auth_path: String,
+    /// Where forward-auth reads the original URI: `auto` (every source present must agree),
+    /// `x_forwarded_uri` (Traefik), `x_original_uri` (nginx) or `path` (Envoy `path_prefix`).
+    pub forward_auth_uri_source: UriSource,
     /// `reject` (400) or `decode` percent-encoded slashes in paths.
     pub encoded_slashes: EncodedSlashes,
     /// Keep client-sent `X-Forwarded-*` and append to them (only behind a trusted balancer).
@@ -84,6 +87,7 @@ impl Default for Config {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             forward_auth_path: "/_clerkgate/auth".into(),
+            forward_auth_uri_source: UriSource::Auto,
             encoded_slashes: EncodedSlashes::Reject,
             trust_forwarded_headers: false,
             preserve_host: true,
@@ -169,6 +173,25 @@ impl Config {
     }
 }
 
+/// The source of the original URI on the forward-auth endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UriSource {
+    Auto,
+    XForwardedUri,
+    XOriginalUri,
+    Path,
+}
+
+/// Why the forward-auth endpoint could not tell which URI to authorize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardAuthUriError {
+    /// Several sources disagree (or a header is repeated or not text).
+    Ambiguous,
+    /// The configured source is absent.
+    Missing,
+}
+
 /// Where requests go, parsed once.
 #[derive(Debug, Clone)]
 pub struct UpstreamBase {
@@ -207,6 +230,7 @@ pub struct Proxy {
     client: forward::UpstreamClient,
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
+    forward_auth_uri_source: UriSource,
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
@@ -258,6 +282,7 @@ impl Proxy {
             upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
             forward_auth_path: (!p.forward_auth_path.is_empty())
                 .then(|| p.forward_auth_path.clone()),
+            forward_auth_uri_source: p.forward_auth_uri_source,
             encoded_slashes: p.encoded_slashes,
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
@@ -339,7 +364,7 @@ impl Proxy {
     }
 
     /// Token, verification, cookie freshness and route requirements.
-    async fn decide(&self, headers: &http::HeaderMap, route: &Route) -> Decision {
+    async fn decide(&self, headers: &http::HeaderMap, route: &RouteMatch<'_>) -> Decision {
         if route.auth == AuthMode::Public {
             return Decision::Allow(None);
         }
@@ -402,7 +427,7 @@ impl Proxy {
             return self.reject(r);
         }
         let route = self.policy.route(&normalized.matching);
-        let identity = match self.decide(&parts.headers, route).await {
+        let identity = match self.decide(&parts.headers, &route).await {
             Decision::Allow(identity) => identity,
             Decision::Reject(r) => return self.reject(r),
         };
@@ -486,24 +511,56 @@ impl Proxy {
     /// The forward-auth answer: 200 with identity headers, or the refusal. The original
     /// request's URI comes from `X-Forwarded-Uri` (Traefik), `X-Original-URI` (nginx), or the
     /// path below the endpoint (Envoy's `path_prefix`).
-    async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            // Envoy ext_authz forwards the original method; accept any, since no body is used.
+    /// The original request's URI for forward-auth. Each ingress sets one source itself and
+    /// passes the client's other headers through, so a client could add a second, different
+    /// one: with `auto`, every source present must agree, and a disagreement is refused.
+    fn original_uri(&self, req: &Request<Incoming>) -> Result<String, Rejection> {
+        let header = |name: &str| -> Result<Option<String>, Rejection> {
+            let mut values = req.headers().get_all(name).iter();
+            match (values.next(), values.next()) {
+                (None, _) => Ok(None),
+                (Some(v), None) => v
+                    .to_str()
+                    .map(|v| Some(v.to_owned()))
+                    .map_err(|_| Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous)),
+                (Some(_), Some(_)) => {
+                    Err(Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous))
+                }
+            }
+        };
+        let below = || {
+            let fa = self.forward_auth_path.as_deref().unwrap_or("");
+            let below = req.uri().path().strip_prefix(fa).unwrap_or("");
+            (!below.is_empty()).then(|| below.to_owned())
+        };
+        let missing = Rejection::ForwardAuthUri(ForwardAuthUriError::Missing);
+        match self.forward_auth_uri_source {
+            UriSource::XForwardedUri => header("x-forwarded-uri")?.ok_or(missing),
+            UriSource::XOriginalUri => header("x-original-uri")?.ok_or(missing),
+            UriSource::Path => below().ok_or(missing),
+            UriSource::Auto => {
+                let candidates = [
+                    header("x-forwarded-uri")?,
+                    header("x-original-uri")?,
+                    below(),
+                ];
+                let mut present = candidates.into_iter().flatten();
+                let Some(first) = present.next() else {
+                    return Ok("/".to_owned());
+                };
+                if present.any(|other| other != first) {
+                    return Err(Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous));
+                }
+                Ok(first)
+            }
         }
-        let original = ["x-forwarded-uri", "x-original-uri"]
-            .iter()
-            .find_map(|n| req.headers().get(*n).and_then(|v| v.to_str().ok()))
-            .map(str::to_owned)
-            .or_else(|| {
-                let fa = self.forward_auth_path.as_deref().unwrap_or("");
-                let below = req.uri().path().strip_prefix(fa).unwrap_or("");
-                Some(if below.is_empty() {
-                    "/".to_owned()
-                } else {
-                    below.to_owned()
-                })
-            })
-            .unwrap_or_else(|| "/".to_owned());
+    }
+
+    async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
+        let original = match self.original_uri(&req) {
+            Ok(uri) => uri,
+            Err(r) => return self.reject(r),
+        };
         let original_path = original.split(['?', '#']).next().unwrap_or("/");
         let normalized = match path::normalize(original_path, self.encoded_slashes) {
             Ok(p) => p,
@@ -513,7 +570,7 @@ impl Proxy {
             return self.reject(r);
         }
         let route = self.policy.route(&normalized.matching);
-        match self.decide(req.headers(), route).await {
+        match self.decide(req.headers(), &route).await {
             Decision::Reject(r) => self.reject(r),
             Decision::Allow(identity) => {
                 let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));

@@ -11,6 +11,7 @@ use http_body_util::Full;
 
 use crate::auth::AuthError;
 use crate::auth::policy::PolicyError;
+use crate::proxy::ForwardAuthUriError;
 use crate::proxy::path::PathError;
 use crate::telemetry::{Outcome, UpstreamErrorKind};
 
@@ -22,6 +23,8 @@ pub enum Rejection {
     Path(PathError),
     /// A reserved identity header was sent and `auth.on_spoofed_header = "reject"`.
     SpoofedHeader,
+    /// The forward-auth endpoint could not tell which URI to authorize.
+    ForwardAuthUri(ForwardAuthUriError),
     Upstream(UpstreamErrorKind),
     /// The proxy is shutting down and cannot start this request.
     Draining,
@@ -53,7 +56,9 @@ impl Rejection {
                 | AuthError::UserRevoked => StatusCode::UNAUTHORIZED,
             },
             Self::Policy(_) => StatusCode::FORBIDDEN,
-            Self::Path(_) | Self::SpoofedHeader => StatusCode::BAD_REQUEST,
+            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Upstream(kind) => match kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamErrorKind::Connect
@@ -72,6 +77,8 @@ impl Rejection {
             Self::Policy(e) => e.as_label(),
             Self::Path(e) => e.as_label(),
             Self::SpoofedHeader => "spoofed-identity-header",
+            Self::ForwardAuthUri(ForwardAuthUriError::Ambiguous) => "forward-auth-uri-ambiguous",
+            Self::ForwardAuthUri(ForwardAuthUriError::Missing) => "forward-auth-uri-missing",
             Self::Upstream(kind) => match kind {
                 UpstreamErrorKind::Connect => "upstream-unavailable",
                 UpstreamErrorKind::Timeout => "upstream-timeout",
@@ -88,7 +95,7 @@ impl Rejection {
             | Self::Draining => Outcome::Unavailable,
             Self::Auth(_) => Outcome::Unauthorized,
             Self::Policy(_) => Outcome::Forbidden,
-            Self::Path(_) | Self::SpoofedHeader => Outcome::BadRequest,
+            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) => Outcome::BadRequest,
             Self::Upstream(_) => Outcome::UpstreamError,
         }
     }
@@ -145,7 +152,7 @@ impl Rejection {
                     ),
                 );
             }
-            Self::Path(_) | Self::SpoofedHeader | Self::Upstream(_) => {}
+            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) | Self::Upstream(_) => {}
         }
         resp
     }

@@ -120,6 +120,17 @@ impl HeadersConfig {
         }
         for (path, name) in &self.claims {
             check(&format!("headers.claims.{path}"), name)?;
+            // A mapped claim must never overwrite a verified identity header.
+            if self
+                .named()
+                .iter()
+                .any(|(_, n)| normalise_name(n) == normalise_name(name))
+            {
+                return Err(ConfigError::new(
+                    format!("headers.claims.{path}"),
+                    format!("{name} is already an identity header"),
+                ));
+            }
             if path.is_empty() || path.split('.').any(str::is_empty) {
                 return Err(ConfigError::new(
                     format!("headers.claims.{path}"),
@@ -392,5 +403,13 @@ mod tests {
             ..HeadersConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().key, "headers.org_id");
+        let mut c = HeadersConfig::default();
+        c.claims
+            .insert("public_metadata.uid".into(), "x_user_id".into());
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "headers.claims.public_metadata.uid",
+            "a mapped claim may not overwrite a verified identity header"
+        );
     }
 }

@@ -112,13 +112,30 @@ enum Pattern {
 }
 
 impl Pattern {
-    fn matches(&self, path: &str) -> bool {
+    /// `fold` compares ASCII case-insensitively.
+    fn matches(&self, path: &str, fold: bool) -> bool {
+        let eq = |a: &str, b: &str| {
+            if fold {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
         match self {
-            Self::Exact(p) => path == p,
+            Self::Exact(p) => eq(path, p),
             Self::Prefix(p) if p.is_empty() => true,
-            Self::Prefix(p) => path
-                .strip_prefix(p.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            Self::Prefix(p) => {
+                path.len() >= p.len()
+                    && path.is_char_boundary(p.len())
+                    && eq(&path[..p.len()], p)
+                    && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
+            }
+        }
+    }
+
+    fn has_uppercase(&self) -> bool {
+        match self {
+            Self::Exact(p) | Self::Prefix(p) => p.bytes().any(|b| b.is_ascii_uppercase()),
         }
     }
 }
@@ -196,12 +213,47 @@ impl Route {
 pub struct Policy {
     routes: Vec<Route>,
     default: Route,
+    /// Some pattern has upper-case letters, so case folding can change a match.
+    patterns_have_uppercase: bool,
+}
+
+/// The rule(s) that apply to a path.
+///
+/// Many upstreams route case-insensitively (Express by default, IIS, ASP.NET), so `/ADMIN/x` may
+/// reach the handler of `/admin/**`. Matching only case-sensitively would skip that rule's
+/// requirements; matching only case-insensitively could make a public rule cover a different
+/// resource on a case-sensitive upstream. So both matches are taken and the stricter wins:
+/// the strictest auth mode, and the requirements of both.
+pub struct RouteMatch<'a> {
+    pub auth: AuthMode,
+    exact: &'a Route,
+    folded: Option<&'a Route>,
+}
+
+impl RouteMatch<'_> {
+    pub fn authorize(&self, identity: &Identity) -> Result<(), PolicyError> {
+        self.exact.authorize(identity)?;
+        match self.folded {
+            Some(r) => r.authorize(identity),
+            None => Ok(()),
+        }
+    }
+}
+
+fn strictness(mode: AuthMode) -> u8 {
+    match mode {
+        AuthMode::Public => 0,
+        AuthMode::Optional => 1,
+        AuthMode::Required => 2,
+    }
 }
 
 impl Policy {
     pub fn new(routes: &[RouteConfig]) -> Self {
+        let routes: Vec<Route> = routes.iter().map(Route::new).collect();
         Self {
-            routes: routes.iter().map(Route::new).collect(),
+            patterns_have_uppercase: routes.iter().any(|r| r.pattern.has_uppercase()),
+            routes,
             default: Route::new(&RouteConfig {
                 path: "/**".into(),
                 ..RouteConfig::default()
@@ -209,12 +261,32 @@ impl Policy {
         }
     }
 
-    /// The rule for a normalised path.
-    pub fn route(&self, path: &str) -> &Route {
+    fn first(&self, path: &str, fold: bool) -> &Route {
         self.routes
             .iter()
-            .find(|r| r.pattern.matches(path))
+            .find(|r| r.pattern.matches(path, fold))
             .unwrap_or(&self.default)
+    }
+
+    /// The rules for a normalised path.
+    pub fn route(&self, path: &str) -> RouteMatch<'_> {
+        let exact = self.first(path, false);
+        // Folding can only change the result when some letter has two cases in play.
+        let folded = if self.patterns_have_uppercase || path.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            Some(self.first(path, true)).filter(|r| !std::ptr::eq(*r, exact))
+        } else {
+            None
+        };
+        let auth = match folded {
+            Some(f) if strictness(f.auth) > strictness(exact.auth) => f.auth,
+            _ => exact.auth,
+        };
+        RouteMatch {
+            auth,
+            exact,
+            folded,
+        }
     }
 }
 
@@ -271,6 +343,37 @@ mod tests {
     }
 
     #[test]
+    fn case_variants_get_the_stricter_of_both_matches() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/public/**"
+            auth = "public"
+            [[routes]]
+            path = "/admin/**"
+            org_role = "admin"
+            "#,
+        );
+        // /ADMIN reaches /admin on a case-insensitive upstream: the admin rule applies.
+        let member = Org {
+            id: "org_1".into(),
+            slug: None,
+            role: Some("org:member".into()),
+            permissions: vec![],
+        };
+        let r = p.route("/ADMIN/x");
+        assert_eq!(r.auth, AuthMode::Required);
+        assert_eq!(
+            r.authorize(&identity(Some(member), json!({}))),
+            Err(PolicyError::OrgRole)
+        );
+        // /PUBLIC is public only if a case-insensitive upstream agrees; the exact match (the
+        // default rule) requires a session, and the stricter wins.
+        assert_eq!(p.route("/PUBLIC/x").auth, AuthMode::Required);
+        assert_eq!(p.route("/public/x").auth, AuthMode::Public);
+    }
+
+    #[test]
     fn requirements_fail_closed() {
         let p = policy(
             r#"
@@ -282,6 +385,7 @@ mod tests {
             "#,
         );
         let r = p.route("/admin/x");
+        let r = &r;
         let admin = Org {
             id: "org_1".into(),
             slug: None,

@@ -1,4 +1,5 @@
 mod proxy_basics;
+mod security;
 mod sessions;
 mod support;
 mod support_smoke;
