@@ -188,14 +188,20 @@ impl Authenticator {
     pub async fn authenticate(&self, token: &str, now_ms: u64) -> Result<Arc<Identity>, AuthError> {
         let cache_key = cache::TokenCache::key(token);
         if let Some(identity) = self.cache.get(&cache_key) {
-            // Expiry is re-checked on every hit: the cache's own eviction is lazy.
-            if identity.usable_at(now_ms, self.verifier.skew_ms()) {
+            // A hit is trusted only while it could still be verified now: within `exp` plus
+            // skew (the cache's eviction is lazy), with keys usable (an outage past the stale
+            // bound fails closed for cached tokens too) and no key retired since.
+            if identity.usable_at(now_ms, self.verifier.skew_ms())
+                && identity.key_generation == self.keys.generation()
+                && self.keys.ready()
+            {
                 self.metrics.token_cache_hits.inc();
                 return Ok(identity);
             }
             self.cache.invalidate(&cache_key);
         }
         self.metrics.token_cache_misses.inc();
+        let generation = self.keys.generation();
         let parsed = token::parse(token)?;
         let may_refetch = self.verifier.issuer_allowed(parsed.unverified_issuer());
         let key = self
@@ -203,7 +209,9 @@ impl Authenticator {
             .key_for(parsed.header.kid.as_deref(), may_refetch)
             .await?;
         let claims = self.verifier.verify(&parsed, &key, now_ms)?;
-        let identity = Arc::new(self.builder.build(claims, parsed.payload_segment()));
+        let mut identity = self.builder.build(claims, parsed.payload_segment());
+        identity.key_generation = generation;
+        let identity = Arc::new(identity);
         self.cache.insert(cache_key, identity.clone());
         Ok(identity)
     }

@@ -222,7 +222,8 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("routes[{i}]"))?;
         }
-        if self.admin.listen == self.proxy.listen {
+        // Port 0 asks the kernel for a free port: two of them never collide.
+        if self.admin.listen == self.proxy.listen && self.proxy.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin.listen",
                 "must differ from proxy.listen: admin endpoints are never served on the proxy port",

@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -83,7 +84,10 @@ pub async fn serve<H: Handler>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_bytes as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // Detect dead HTTP/2 peers instead of holding their connection slot forever.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -115,10 +119,15 @@ pub async fn serve<H: Handler>(
             peer,
             tls: tls.is_some(),
         };
+        // Set by the first request: until then the connection lives on the header-read deadline.
+        let started = Arc::new(AtomicBool::new(false));
+        let first = started.clone();
         let service = hyper::service::service_fn(move |req| {
+            first.store(true, Ordering::Relaxed);
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler.handle(req, info).await) }
         });
+        let deadline = limits.header_read_timeout;
         match &tls {
             None => {
                 let conn = builder
@@ -127,27 +136,22 @@ pub async fn serve<H: Handler>(
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = conn.await {
-                        tracing::trace!(error = %e, "connection ended with an error");
-                    }
+                    first_request_deadline(conn, &started, deadline).await;
                 });
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
-                let timeout = limits.header_read_timeout;
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    let stream = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
                         Ok(Ok(s)) => s,
                         _ => return,
                     };
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::trace!(error = %e, "connection ended with an error");
-                    }
+                    first_request_deadline(watcher.watch(conn), &started, deadline).await;
                 });
             }
         }
@@ -159,6 +163,32 @@ pub async fn serve<H: Handler>(
             tracing::warn!("drain deadline passed with connections still open");
             1
         }
+    }
+}
+
+/// Drives a connection, closing it if no complete request arrived within `deadline`.
+///
+/// hyper's HTTP/1 header-read timeout starts only once hyper-util's auto builder has decided
+/// between HTTP/1 and HTTP/2, which needs the first bytes: a client that connects and sends
+/// nothing (or a partial HTTP/2 preface) would otherwise hold a connection slot forever.
+async fn first_request_deadline<F, E>(conn: F, started: &AtomicBool, deadline: Duration)
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = &mut conn => r,
+        _ = tokio::time::sleep(deadline) => {
+            if !started.load(Ordering::Relaxed) {
+                tracing::debug!("no request within the header-read timeout; closing");
+                return;
+            }
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::trace!(error = %e, "connection ended with an error");
     }
 }
 

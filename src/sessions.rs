@@ -348,6 +348,7 @@ mod tests {
             exp_ms: 0,
             claims: Default::default(),
             headers: vec![],
+            key_generation: 0,
         }
     }
 

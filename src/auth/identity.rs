@@ -154,6 +154,8 @@ pub struct Identity {
     pub claims: Map<String, Value>,
     /// Every identity header, ready to insert.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The key-store generation the token was verified under (see `KeyStore::generation`).
+    pub key_generation: u64,
 }
 
 impl Identity {
@@ -295,6 +297,7 @@ impl IdentityBuilder {
             exp_ms: claims.exp_ms,
             claims: claims.payload,
             headers,
+            key_generation: 0,
         }
     }
 }

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -218,7 +219,9 @@ struct Remote {
 }
 
 struct RefreshState {
-    last_attempt: Option<Instant>,
+    /// The last fetch caused by an unknown kid: the floor applies between those only, so a
+    /// background refresh never delays a rotated key.
+    last_kid_refetch: Option<Instant>,
 }
 
 /// The key cache shared by every request.
@@ -228,6 +231,9 @@ pub struct KeyStore {
     refresh: Mutex<RefreshState>,
     /// kids that were still unknown after a refetch, until the next refetch is allowed.
     unknown_kids: moka::sync::Cache<String, ()>,
+    /// Bumped whenever a key disappears; verifications made under an older generation are
+    /// no longer trusted from the token cache.
+    generation: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -254,8 +260,9 @@ impl KeyStore {
                         pinned: Some(key),
                     }),
                     remote: None,
-                    refresh: Mutex::new(RefreshState { last_attempt: None }),
+                    refresh: Mutex::new(RefreshState { last_kid_refetch: None }),
                     unknown_kids,
+                    generation: AtomicU64::new(0),
                     metrics,
                 })
             }
@@ -275,12 +282,19 @@ impl KeyStore {
                         http,
                         settings,
                     }),
-                    refresh: Mutex::new(RefreshState { last_attempt: None }),
+                    refresh: Mutex::new(RefreshState { last_kid_refetch: None }),
                     unknown_kids,
+                    generation: AtomicU64::new(0),
                     metrics,
                 })
             }
         }
+    }
+
+    /// The key generation (see the field): read it before a verification, store it with the
+    /// result, and compare on every cache hit.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// `true` when requests can be verified: keys are held and not older than the stale bound.
@@ -365,12 +379,12 @@ impl KeyStore {
             return true;
         }
         if state
-            .last_attempt
+            .last_kid_refetch
             .is_some_and(|t| t.elapsed() < remote.settings.min_refresh_interval)
         {
             return false;
         }
-        state.last_attempt = Some(Instant::now());
+        state.last_kid_refetch = Some(Instant::now());
         self.fetch_and_store(remote).await.is_ok()
     }
 
@@ -379,8 +393,7 @@ impl KeyStore {
         let Some(remote) = &self.remote else {
             return Ok(());
         };
-        let mut state = self.refresh.lock().await;
-        state.last_attempt = Some(Instant::now());
+        let _serialised = self.refresh.lock().await;
         self.fetch_and_store(remote).await
     }
 
@@ -390,7 +403,18 @@ impl KeyStore {
                 self.metrics.jwks_fetches.inc(JwksFetchResult::Ok);
                 self.metrics.jwks_keys.set(set.len() as i64);
                 tracing::debug!(keys = set.len(), "JWKS fetched");
-                self.current.store(Some(Arc::new(set)));
+                let previous = self.current.swap(Some(Arc::new(set)));
+                let removed = previous.is_some_and(|old| {
+                    let new = self.current.load();
+                    old.by_kid
+                        .keys()
+                        .any(|kid| new.as_ref().is_none_or(|n| !n.by_kid.contains_key(kid)))
+                });
+                if removed {
+                    // Tokens verified with a retired key must not live on in the token cache.
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!("a key was retired; cached verifications are discarded");
+                }
                 self.unknown_kids.invalidate_all();
                 Ok(())
             }

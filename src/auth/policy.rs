@@ -314,6 +314,7 @@ mod tests {
             exp_ms: 0,
             claims: claims.as_object().cloned().unwrap_or_else(Map::new),
             headers: vec![],
+            key_generation: 0,
         }
     }
 

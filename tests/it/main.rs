@@ -1,3 +1,5 @@
+mod keys;
+mod operations;
 mod proxy_basics;
 mod security;
 mod sessions;
