@@ -1,5 +1,6 @@
-//! Wiring: builds the services from a [`Config`], runs the listeners and the key refresh, and
-//! carries out the drain sequence. No request logic lives here.
+//! Wiring: builds the services from a [`Config`], runs the listeners (proxy, admin and, when it
+//! can serve, the local API) and the key refresh, and carries out the drain sequence. No request
+//! logic lives here.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use crate::auth::jwks::{JwksSettings, KeyStore};
 use crate::auth::verify::Verifier;
 use crate::clerk::api::BackendApi;
 use crate::config::{Config, ConfigError};
+use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
 use crate::server::{self, Limits};
 use crate::sessions::{Guard, InMemoryStore, SessionStore};
@@ -25,10 +27,13 @@ use std::time::Duration;
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
+    /// The local API's; `None` when it does not run. A listener passed while the local API is
+    /// disabled is closed at start.
+    pub local_api: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds the configured addresses.
+    /// Binds the configured addresses (the local API's only when it will run).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let proxy = TcpListener::bind(config.proxy.listen).await.map_err(|e| {
             std::io::Error::new(
@@ -42,7 +47,24 @@ impl Listeners {
                 format!("admin.listen {}: {e}", config.admin.listen),
             )
         })?;
-        Ok(Self { proxy, admin })
+        let local_api = match config.local_api.serves(&config.clerk) {
+            Ok(()) => Some(
+                TcpListener::bind(config.local_api.listen)
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("local_api.listen {}: {e}", config.local_api.listen),
+                        )
+                    })?,
+            ),
+            Err(_) => None,
+        };
+        Ok(Self {
+            proxy,
+            admin,
+            local_api,
+        })
     }
 }
 
@@ -53,6 +75,8 @@ pub struct App {
     pub keys: Arc<KeyStore>,
     pub readiness: Arc<Readiness>,
     pub proxy: Arc<Proxy>,
+    /// The pod-local Clerk API, when enabled and a secret key is configured.
+    pub local_api: Option<Arc<LocalApi>>,
 }
 
 /// Why the app could not start (beyond configuration errors).
@@ -115,7 +139,24 @@ impl App {
             )),
             None => None,
         };
-        let sessions = Arc::new(Guard::new(&config.sessions, store, api, metrics.clone()));
+        let sessions = Arc::new(Guard::new(
+            &config.sessions,
+            store,
+            api.clone(),
+            metrics.clone(),
+        ));
+        // One Backend API client for the session checks and the local API: Clerk's rate limit
+        // is per instance, so they share its budget and any Retry-After pause.
+        let local_api = match (config.local_api.serves(&config.clerk), api) {
+            (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
+                &config.local_api,
+                api,
+                auth.clone(),
+                sessions.clone(),
+                metrics.clone(),
+            ))),
+            _ => None,
+        };
         let webhooks = Arc::new(Webhooks::new(&config, sessions.clone(), metrics.clone())?);
         let proxy = Arc::new(Proxy::new(
             &config,
@@ -132,6 +173,7 @@ impl App {
             keys,
             readiness,
             proxy,
+            local_api,
         })
     }
 
@@ -200,6 +242,39 @@ impl App {
             admin,
             stopped(stop_rx.clone()),
         ));
+        let local_api_server = match (self.local_api.clone(), listeners.local_api) {
+            (Some(handler), Some(listener)) => {
+                let addr = listener.local_addr().ok();
+                if !self.config.local_api.listen.ip().is_loopback() {
+                    tracing::warn!(
+                        listen = %self.config.local_api.listen,
+                        "the local Clerk API listens beyond loopback; every request needs local_api.token"
+                    );
+                }
+                tracing::info!(local_api = ?addr, "local Clerk API listening");
+                Some(tokio::spawn(server::serve(
+                    listener,
+                    None,
+                    Limits {
+                        max_connections: 1024,
+                        drain_timeout,
+                        ..Limits::default()
+                    },
+                    handler,
+                    stopped(stop_rx.clone()),
+                )))
+            }
+            (Some(_), None) => {
+                tracing::warn!("local Clerk API not started: no listener was bound for it");
+                None
+            }
+            (None, _) => {
+                if let Err(why) = self.config.local_api.serves(&self.config.clerk) {
+                    tracing::info!(reason = why, "local Clerk API not started");
+                }
+                None
+            }
+        };
         tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, "clerkgate listening");
 
         shutdown.await;
@@ -210,7 +285,10 @@ impl App {
         );
         tokio::time::sleep(self.config.shutdown.delay()).await;
         let _ = stop_tx.send(true);
-        let left = proxy_server.await.unwrap_or(1) + admin_server.await.unwrap_or(1);
+        let mut left = proxy_server.await.unwrap_or(1) + admin_server.await.unwrap_or(1);
+        if let Some(server) = local_api_server {
+            left += server.await.unwrap_or(1);
+        }
         let _ = refresh.await;
         if left > 0 {
             tracing::warn!("stopped with connections still open after the drain deadline");

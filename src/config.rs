@@ -17,7 +17,7 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, auth, clerk, proxy, sessions, shutdown, telemetry, webhook};
+use crate::{admin, auth, clerk, local_api, proxy, sessions, shutdown, telemetry, webhook};
 
 /// The whole configuration, as composed from the sections.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,6 +31,7 @@ pub struct Config {
     pub routes: Vec<auth::policy::RouteConfig>,
     pub webhooks: webhook::Config,
     pub sessions: sessions::Config,
+    pub local_api: local_api::Config,
     pub log: telemetry::LogConfig,
     pub shutdown: shutdown::Config,
 }
@@ -156,6 +157,7 @@ impl Config {
             let key = path.join(".");
             let value = if key.ends_with("secret_key")
                 || key.ends_with("secret")
+                || key.ends_with("token")
                 || key.ends_with("publishable_key")
                 || key.ends_with("jwt_key")
             {
@@ -213,6 +215,7 @@ impl Config {
         self.headers.validate()?;
         self.webhooks.validate()?;
         self.sessions.validate()?;
+        self.local_api.validate(self)?;
         if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
             return Err(ConfigError::new(
                 "sessions.check",

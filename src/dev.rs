@@ -42,6 +42,10 @@ pub struct DevArgs {
     /// Address of the local key server (JWKS and token minting).
     #[arg(long, default_value = "127.0.0.1:9099")]
     pub keys_listen: SocketAddr,
+    /// Address of the local Clerk API (`POST /v1/tokens/verify` works in dev mode; user and
+    /// session routes need a real Clerk instance).
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub local_api_listen: SocketAddr,
     /// Your own upstream instead of the built-in echo server.
     #[arg(long)]
     pub upstream: Option<String>,
@@ -271,6 +275,7 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
     config.proxy.listen = args.listen;
     config.proxy.upstream = upstream.clone();
     config.admin.listen = args.admin_listen;
+    config.local_api.listen = args.local_api_listen;
     config.clerk = crate::clerk::Config {
         secret_key: Some(Secret::new(clerk.secret_key())),
         publishable_key: Some(dev_publishable_key()),
@@ -300,6 +305,10 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
     };
     let proxy_addr = listeners.proxy.local_addr().unwrap_or(args.listen);
     let admin_addr = listeners.admin.local_addr().unwrap_or(args.admin_listen);
+    let local_api_addr = listeners
+        .local_api
+        .as_ref()
+        .and_then(|l| l.local_addr().ok());
     let app = match crate::app::App::build(config) {
         Ok(a) => a,
         Err(e) => {
@@ -309,7 +318,14 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
     };
     let token = clerk.mint("user_dev_123", args.ttl, extra.as_ref());
     print_banner(
-        proxy_addr, admin_addr, keys_addr, &upstream, echo, &token, args.ttl,
+        proxy_addr,
+        admin_addr,
+        local_api_addr,
+        keys_addr,
+        &upstream,
+        echo,
+        &token,
+        args.ttl,
     );
     let result = app.run(listeners, crate::shutdown::signal()).await;
     let _ = stop_tx.send(true);
@@ -322,9 +338,11 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_banner(
     proxy: SocketAddr,
     admin: SocketAddr,
+    local_api: Option<SocketAddr>,
     keys: SocketAddr,
     upstream: &str,
     echo: bool,
@@ -333,12 +351,15 @@ fn print_banner(
 ) {
     let line = "=".repeat(78);
     let upstream_note = if echo { " (built-in echo)" } else { "" };
+    let local_api_line = local_api
+        .map(|a| format!("local API http://{a}/v1/tokens/verify\n"))
+        .unwrap_or_default();
     println!(
         "{line}\n  clerkgate DEVELOPMENT MODE: in-memory signing key, local JWKS.\n  \
          NOT FOR PRODUCTION: anyone who can reach {keys} can mint tokens.\n{line}\n\
          proxy     http://{proxy}  ->  {upstream}{upstream_note}\n\
          admin     http://{admin}/readyz   http://{admin}/metrics\n\
-         jwks      http://{keys}/v1/jwks\n\n\
+         jwks      http://{keys}/v1/jwks\n{local_api_line}\n\
          Try it (token for user_dev_123, valid {ttl} s):\n\n  \
          curl -s -H 'Authorization: Bearer {token}' http://{proxy}/hello\n\n\
          Without a token the proxy answers 401:\n\n  curl -i http://{proxy}/hello\n\n\

@@ -12,6 +12,8 @@
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
 //! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
 //!   consulted after every verification.
+//! - [`local_api`] is the pod-local Clerk API on a third listener: users and sessions through
+//!   the one Backend API client ([`clerk::api`]), cached, and token verification for the backend.
 //! - [`dev`] is `clerkgate dev`: an in-memory signing key, a local JWKS, an echo upstream.
 //!
 //! # Request path
@@ -27,6 +29,7 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod local_api;
 pub mod proxy;
 pub mod rejection;
 pub mod server;

@@ -221,6 +221,21 @@ impl SessionStore for InMemoryStore {
     }
 }
 
+/// A Clerk object a webhook reported as changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed<'a> {
+    User(&'a str),
+    Session(&'a str),
+}
+
+/// Holds copies of Clerk objects outside this store (the local API's caches) and must drop
+/// them when a webhook reports a change. Registered once with [`Guard::set_change_listener`],
+/// because the webhook handler reaches per-process state only through the [`Guard`].
+pub trait ChangeListener: Send + Sync {
+    /// Cheap and non-blocking: it runs inside the webhook handler.
+    fn changed(&self, what: Changed<'_>);
+}
+
 /// What the proxy calls after verification: the deny-lists, and in `api` mode the session's
 /// status from the Backend API (cached, concurrent misses coalesced into one call).
 pub struct Guard {
@@ -231,6 +246,7 @@ pub struct Guard {
     timeout: Duration,
     fail_open: bool,
     metrics: Arc<crate::telemetry::Metrics>,
+    listener: std::sync::OnceLock<Arc<dyn ChangeListener>>,
 }
 
 impl Guard {
@@ -251,11 +267,25 @@ impl Guard {
             timeout: Duration::from_millis(config.api_timeout_ms),
             fail_open: config.fail_open,
             metrics,
+            listener: std::sync::OnceLock::new(),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
+    }
+
+    /// Registers the listener told about webhook-reported changes. Set once at start-up; a
+    /// second call is ignored.
+    pub fn set_change_listener(&self, listener: Arc<dyn ChangeListener>) {
+        let _ = self.listener.set(listener);
+    }
+
+    /// Tells the listener, if any, that a webhook reported `what` as changed.
+    pub fn changed(&self, what: Changed<'_>) {
+        if let Some(listener) = self.listener.get() {
+            listener.changed(what);
+        }
     }
 
     /// Forgets a cached status (a webhook changed it).

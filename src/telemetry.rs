@@ -163,6 +163,14 @@ label_enum! {
     /// Backend API endpoints clerkgate calls.
     pub enum ApiEndpoint {
         SessionsGet => "sessions_get",
+        SessionsList => "sessions_list",
+        SessionsRevoke => "sessions_revoke",
+        SessionsCreate => "sessions_create",
+        UsersGet => "users_get",
+        UsersList => "users_list",
+        UsersUpdate => "users_update",
+        UsersMetadataUpdate => "users_metadata_update",
+        UsersDelete => "users_delete",
     }
 }
 
@@ -172,9 +180,54 @@ label_enum! {
         Ok => "ok",
         NotFound => "not_found",
         RateLimited => "rate_limited",
+        /// Any other 4xx: Clerk refused the request itself (validation, permissions).
+        ClientError => "client_error",
         Error => "error",
         Timeout => "timeout",
         BudgetExhausted => "budget_exhausted",
+    }
+}
+
+label_enum! {
+    /// Routes of the pod-local Clerk API ([`crate::local_api`]); `unknown` for anything else.
+    pub enum LocalApiRoute {
+        UsersGet => "users_get",
+        UsersList => "users_list",
+        UsersUpdate => "users_update",
+        UsersMetadataUpdate => "users_metadata_update",
+        UsersDelete => "users_delete",
+        SessionsGet => "sessions_get",
+        SessionsList => "sessions_list",
+        SessionsRevoke => "sessions_revoke",
+        SessionsCreate => "sessions_create",
+        TokensVerify => "tokens_verify",
+        Unknown => "unknown",
+    }
+}
+
+label_enum! {
+    /// How a local API request ended.
+    pub enum LocalApiResult {
+        /// 2xx.
+        Ok => "ok",
+        /// Clerk answered 404.
+        NotFound => "not_found",
+        /// Clerk refused the request (a 4xx other than 404 and 429).
+        ClientError => "client_error",
+        /// 429, from Clerk or from clerkgate's own budgets.
+        RateLimited => "rate_limited",
+        /// The local API bearer token was missing or wrong.
+        Unauthorized => "unauthorized",
+        /// clerkgate refused the request: unknown route, bad id, bad body.
+        BadRequest => "bad_request",
+        /// `POST /v1/tokens/verify` rejected the token.
+        TokenInvalid => "token_invalid",
+        /// Clerk failed (5xx), was unreachable or answered something unreadable.
+        UpstreamError => "upstream_error",
+        /// Clerk did not answer within the deadline.
+        Timeout => "timeout",
+        /// clerkgate cannot answer now (verification keys unavailable).
+        Unavailable => "unavailable",
     }
 }
 
@@ -245,6 +298,9 @@ pub struct Metrics {
     pub revoked_sessions: IntGauge,
     pub session_checks: LabeledCounter<SessionCheckResult>,
     pub clerk_api_requests: LabeledCounter2<ApiEndpoint, ApiResult>,
+    pub local_api_requests: LabeledCounter2<LocalApiRoute, LocalApiResult>,
+    pub user_cache_hits: IntCounter,
+    pub user_cache_misses: IntCounter,
 }
 
 impl Metrics {
@@ -355,6 +411,20 @@ impl Metrics {
                 "clerkgate_clerk_api_requests_total",
                 "Calls to the Clerk Backend API, by endpoint and result.",
                 ["endpoint", "result"],
+            ),
+            local_api_requests: LabeledCounter2::register(
+                &registry,
+                "clerkgate_local_api_requests_total",
+                "Requests to the pod-local Clerk API, by route and result.",
+                ["route", "result"],
+            ),
+            user_cache_hits: int_counter(
+                "clerkgate_user_cache_hits_total",
+                "Local API user reads served without a Backend API call of their own.",
+            ),
+            user_cache_misses: int_counter(
+                "clerkgate_user_cache_misses_total",
+                "Local API user reads that fetched the user from the Backend API.",
             ),
             registry,
         }

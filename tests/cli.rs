@@ -295,6 +295,8 @@ async fn dev_mode_serves_the_printed_token_and_mints_more() {
         &admin,
         "--keys-listen",
         &keys,
+        "--local-api-listen",
+        "127.0.0.1:0",
     ]);
     assert!(
         !dev.proxy.ends_with(":0"),
@@ -366,6 +368,8 @@ async fn dev_mode_accepts_port_0_for_every_listener() {
         "--admin-listen",
         "127.0.0.1:0",
         "--keys-listen",
+        "127.0.0.1:0",
+        "--local-api-listen",
         "127.0.0.1:0",
     ]);
     assert!(!dev.proxy.ends_with(":0"), "{}", dev.proxy);

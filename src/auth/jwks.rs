@@ -260,7 +260,9 @@ impl KeyStore {
                         pinned: Some(key),
                     }),
                     remote: None,
-                    refresh: Mutex::new(RefreshState { last_kid_refetch: None }),
+                    refresh: Mutex::new(RefreshState {
+                        last_kid_refetch: None,
+                    }),
                     unknown_kids,
                     generation: AtomicU64::new(0),
                     metrics,
@@ -282,7 +284,9 @@ impl KeyStore {
                         http,
                         settings,
                     }),
-                    refresh: Mutex::new(RefreshState { last_kid_refetch: None }),
+                    refresh: Mutex::new(RefreshState {
+                        last_kid_refetch: None,
+                    }),
                     unknown_kids,
                     generation: AtomicU64::new(0),
                     metrics,

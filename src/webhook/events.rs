@@ -9,11 +9,14 @@
 //! - `user.deleted`: every token of the user issued before now is denied.
 //! - `user.updated` with `banned` or `locked` true: the same.
 //! - everything else is counted and acknowledged.
+//!
+//! Session and user events are also passed to the [`Guard`]'s change listener, so copies held
+//! elsewhere (the local API's user and session caches) are dropped.
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::sessions::Guard;
+use crate::sessions::{Changed, Guard};
 use crate::telemetry::{Label, WebhookEventType};
 
 /// A parsed event: its type and the fields clerkgate acts on.
@@ -120,6 +123,7 @@ pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
             });
             store.set_status(id, status);
             sessions.forget(id).await;
+            sessions.changed(Changed::Session(id));
         }
         WebhookEventType::SessionCreated | WebhookEventType::SessionPending => {
             let status = event.status.as_deref().unwrap_or(
@@ -131,13 +135,19 @@ pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
             );
             store.set_status(id, status);
             sessions.forget(id).await;
+            sessions.changed(Changed::Session(id));
         }
-        WebhookEventType::UserDeleted => store.deny_user_before(id, now_ms),
-        WebhookEventType::UserUpdated if event.blocked => store.deny_user_before(id, now_ms),
-        WebhookEventType::UserUpdated
-        | WebhookEventType::UserCreated
-        | WebhookEventType::Other
-        | WebhookEventType::Unverified => {}
+        WebhookEventType::UserDeleted => {
+            store.deny_user_before(id, now_ms);
+            sessions.changed(Changed::User(id));
+        }
+        WebhookEventType::UserUpdated => {
+            if event.blocked {
+                store.deny_user_before(id, now_ms);
+            }
+            sessions.changed(Changed::User(id));
+        }
+        WebhookEventType::UserCreated | WebhookEventType::Other | WebhookEventType::Unverified => {}
     }
 }
 

@@ -1,4 +1,5 @@
 mod keys;
+mod local_api;
 mod operations;
 mod proxy_basics;
 mod security;

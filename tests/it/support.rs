@@ -10,7 +10,7 @@ pub mod fake_clerk;
 pub mod sidecar;
 
 pub use clerkgate::dev::signing::SigningKey;
-pub use fake_clerk::{Failure, FakeClerk};
+pub use fake_clerk::{Endpoint, Failure, FakeClerk, user_json};
 pub use sidecar::{Sidecar, Upstream, client};
 
 /// The current time in Unix seconds, the unit of `iat`/`nbf`/`exp` (RFC 7519 §2 NumericDate).

@@ -5,8 +5,16 @@
 //! mints tokens with its current key, rotates and retires keys, fails on demand and counts
 //! fetches, so tests can assert how often the code under test went to "Clerk".
 //!
+//! It also serves the users and sessions part of the Backend API the local API maps to
+//! (clerk-protocol.md §3): `GET/PATCH/DELETE /v1/users/{id}`, `PATCH /v1/users/{id}/metadata`,
+//! `GET /v1/users`, `GET /v1/sessions`, `POST /v1/sessions/{id}/revoke`, `POST /v1/sessions`,
+//! with calls counted per [`Endpoint`], failure injection ([`FakeClerk::fail_api`]) and a gate
+//! that holds answers until released ([`FakeClerk::hold_api`]). Those endpoints are off until
+//! [`FakeClerk::enable_backend_api`], so a fresh fake still answers 404 on every other path.
+//!
 //! One fake per test: it is started before the code under test and shut down when dropped.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -16,7 +24,7 @@ use bytes::Bytes;
 use clerkgate::dev::signing::{SigningKey, jwks_json, session_claims};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -43,6 +51,49 @@ pub enum Failure {
     RetryAfter(u64),
 }
 
+/// The users and sessions endpoints of the fake Backend API, for counting calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET /v1/users/{id}`
+    UsersGet,
+    /// `GET /v1/users`
+    UsersList,
+    /// `PATCH /v1/users/{id}`
+    UsersUpdate,
+    /// `PATCH /v1/users/{id}/metadata`
+    UsersMetadata,
+    /// `DELETE /v1/users/{id}`
+    UsersDelete,
+    /// `GET /v1/sessions`
+    SessionsList,
+    /// `POST /v1/sessions/{id}/revoke`
+    SessionsRevoke,
+    /// `POST /v1/sessions`
+    SessionsCreate,
+}
+
+/// A Clerk-like User object (the fields a test usually looks at; timestamps in ms).
+pub fn user_json(id: &str, first_name: &str) -> Value {
+    json!({
+        "object": "user",
+        "id": id,
+        "external_id": null,
+        "username": null,
+        "first_name": first_name,
+        "last_name": "Tester",
+        "image_url": "https://img.clerk.com/fake",
+        "primary_email_address_id": format!("idn_{id}"),
+        "email_addresses": [{"id": format!("idn_{id}"), "object": "email_address", "email_address": format!("{id}@example.com")}],
+        "public_metadata": {},
+        "private_metadata": {},
+        "unsafe_metadata": {},
+        "banned": false,
+        "locked": false,
+        "created_at": 1_716_883_200_000u64,
+        "updated_at": 1_716_883_200_000u64,
+    })
+}
+
 /// A running fake Clerk. Dropping it stops the server.
 pub struct FakeClerk {
     /// `http://127.0.0.1:PORT`, the Backend API base URL (append `/v1/jwks`).
@@ -58,6 +109,12 @@ struct Shared {
     state: Mutex<State>,
     /// JWKS requests received; a watch so `wait_for_fetches` cannot miss a wake-up.
     fetches: watch::Sender<usize>,
+    /// Users and sessions API calls received, per endpoint (a watch, for `wait_for_calls`).
+    api_calls: watch::Sender<HashMap<Endpoint, usize>>,
+    /// While `true`, users and sessions API answers wait.
+    hold: watch::Sender<bool>,
+    /// Whether the users and sessions API is served at all.
+    backend_api: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -73,6 +130,19 @@ struct State {
     session_failure: Failure,
     /// `GET /v1/sessions/{id}` requests received.
     session_fetches: usize,
+    /// Users served by the users endpoints, by id.
+    users: BTreeMap<String, Value>,
+    /// The user of each session (`user_1` when unset).
+    session_users: HashMap<String, String>,
+    /// Failure injection for the users and sessions API endpoints (not `GET /v1/sessions/{id}`).
+    api_failure: Failure,
+    /// How many more calls `api_failure` applies to; `None` for all of them.
+    api_failures_left: Option<usize>,
+    /// Query string and JSON body of the last call per endpoint.
+    last_query: HashMap<Endpoint, String>,
+    last_body: HashMap<Endpoint, Value>,
+    /// Sessions created by `POST /v1/sessions`.
+    created_sessions: usize,
 }
 
 impl FakeClerk {
@@ -90,8 +160,18 @@ impl FakeClerk {
                 sessions: Default::default(),
                 session_failure: Failure::None,
                 session_fetches: 0,
+                users: BTreeMap::new(),
+                session_users: HashMap::new(),
+                api_failure: Failure::None,
+                api_failures_left: None,
+                last_query: HashMap::new(),
+                last_body: HashMap::new(),
+                created_sessions: 0,
             }),
             fetches: watch::Sender::new(0),
+            api_calls: watch::Sender::new(HashMap::new()),
+            hold: watch::Sender::new(false),
+            backend_api: std::sync::atomic::AtomicBool::new(false),
         });
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -204,6 +284,102 @@ impl FakeClerk {
         self.state().session_fetches
     }
 
+    /// Serves the users and sessions API from now on (off by default: those paths are 404, and
+    /// `/v1/sessions/{id}/revoke` reaches the `GET /v1/sessions/{id}` handler, as before).
+    pub fn enable_backend_api(&self) {
+        self.shared
+            .backend_api
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Adds or replaces a user (keyed by its `id`).
+    pub fn set_user(&self, user: Value) {
+        let id = user["id"].as_str().expect("a user has an id").to_owned();
+        self.state().users.insert(id, user);
+    }
+
+    /// Removes a user, as a deletion in Clerk's dashboard would.
+    pub fn remove_user(&self, id: &str) {
+        self.state().users.remove(id);
+    }
+
+    /// The user as the fake holds it now.
+    pub fn user(&self, id: &str) -> Option<Value> {
+        self.state().users.get(id).cloned()
+    }
+
+    /// Adds a session of `user_id` with `status` (served by every sessions endpoint).
+    pub fn add_session(&self, sid: &str, user_id: &str, status: &str) {
+        let mut state = self.state();
+        state.sessions.insert(sid.to_owned(), status.to_owned());
+        state
+            .session_users
+            .insert(sid.to_owned(), user_id.to_owned());
+    }
+
+    /// The status of a session as the fake holds it now.
+    pub fn session_status(&self, sid: &str) -> Option<String> {
+        self.state().sessions.get(sid).cloned()
+    }
+
+    /// Calls received by a users or sessions API endpoint, counted on arrival (failed, held
+    /// and hanging ones included).
+    pub fn calls(&self, endpoint: Endpoint) -> usize {
+        self.shared
+            .api_calls
+            .borrow()
+            .get(&endpoint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until `endpoint` received at least `n` calls; `false` if `timeout` passed first.
+    pub async fn wait_for_calls(&self, endpoint: Endpoint, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.shared.api_calls.subscribe();
+        matches!(
+            tokio::time::timeout(
+                timeout,
+                rx.wait_for(|calls| calls.get(&endpoint).copied().unwrap_or(0) >= n)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The query string of the last call to `endpoint`.
+    pub fn last_query(&self, endpoint: Endpoint) -> Option<String> {
+        self.state().last_query.get(&endpoint).cloned()
+    }
+
+    /// The JSON body of the last call to `endpoint`.
+    pub fn last_body(&self, endpoint: Endpoint) -> Option<Value> {
+        self.state().last_body.get(&endpoint).cloned()
+    }
+
+    /// Makes every users and sessions API endpoint misbehave from the next call on.
+    pub fn fail_api(&self, failure: Failure) {
+        let mut state = self.state();
+        state.api_failure = failure;
+        state.api_failures_left = None;
+    }
+
+    /// Makes the next `n` users and sessions API calls misbehave, then answers normally again.
+    pub fn fail_api_times(&self, failure: Failure, n: usize) {
+        let mut state = self.state();
+        state.api_failure = failure;
+        state.api_failures_left = Some(n);
+    }
+
+    /// Holds every users and sessions API answer (calls are still counted on arrival) until
+    /// [`FakeClerk::release_api`].
+    pub fn hold_api(&self) {
+        self.shared.hold.send_replace(true);
+    }
+
+    pub fn release_api(&self) {
+        self.shared.hold.send_replace(false);
+    }
+
     /// The instance's webhook signing secret (`whsec_...`), fixed per process.
     pub fn webhook_secret(&self) -> &'static str {
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -291,7 +467,13 @@ async fn handle(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let path = request.uri().path();
+    let path = request.uri().path().to_owned();
+    if let Some(endpoint) = api_endpoint(request.method(), &path)
+        && shared.backend_api.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return Ok(api(request, endpoint, &path, &shared, &mut shutdown).await);
+    }
+    let path = path.as_str();
     if let Some(sid) = path.strip_prefix("/v1/sessions/") {
         return Ok(session(&request, sid, &shared, &mut shutdown).await);
     }
@@ -464,7 +646,7 @@ async fn session(
         Some(status) => json_response(
             StatusCode::OK,
             Bytes::from(
-                json!({"object": "session", "id": sid, "status": status, "user_id": "user_1"})
+                json!({"object": "session", "id": sid, "status": status, "user_id": shared.state().session_users.get(sid).map_or("user_1", String::as_str)})
                     .to_string(),
             ),
         ),
@@ -474,5 +656,264 @@ async fn session(
             "not found",
             "No session",
         ),
+    }
+}
+
+/// Which users or sessions API endpoint a request is for (`GET /v1/sessions/{id}` is not one:
+/// it keeps its own counter and failure switch).
+fn api_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
+    let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
+    Some(match (method, segments.as_slice()) {
+        (&Method::GET, ["users"]) => Endpoint::UsersList,
+        (&Method::GET, ["users", _]) => Endpoint::UsersGet,
+        (&Method::PATCH, ["users", _]) => Endpoint::UsersUpdate,
+        (&Method::DELETE, ["users", _]) => Endpoint::UsersDelete,
+        (&Method::PATCH, ["users", _, "metadata"]) => Endpoint::UsersMetadata,
+        (&Method::GET, ["sessions"]) => Endpoint::SessionsList,
+        (&Method::POST, ["sessions"]) => Endpoint::SessionsCreate,
+        (&Method::POST, ["sessions", _, "revoke"]) => Endpoint::SessionsRevoke,
+        _ => return None,
+    })
+}
+
+fn not_found(what: &str) -> Response<Full<Bytes>> {
+    clerk_error(
+        StatusCode::NOT_FOUND,
+        "resource_not_found",
+        "not found",
+        &format!("No {what} was found with the given id."),
+    )
+}
+
+fn ok_json(value: &Value) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, Bytes::from(value.to_string()))
+}
+
+fn session_json(state: &State, sid: &str) -> Option<Value> {
+    let status = state.sessions.get(sid)?;
+    Some(json!({
+        "object": "session",
+        "id": sid,
+        "user_id": state.session_users.get(sid).map_or("user_1", String::as_str),
+        "client_id": "client_fake",
+        "status": status,
+        "last_active_at": 1_716_883_200_000u64,
+        "expire_at": 1_717_488_000_000u64,
+        "created_at": 1_716_883_200_000u64,
+        "updated_at": 1_716_883_200_000u64,
+    }))
+}
+
+/// Merges `patch` into `target` as `PATCH /v1/users/{id}/metadata` does: objects deep-merged,
+/// `null` deletes a key.
+fn deep_merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else if v.is_object() && t.get(k).is_some_and(Value::is_object) {
+                    deep_merge(t.get_mut(k).expect("present"), v);
+                } else {
+                    t.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+/// The users and sessions API: counted on arrival, then held, failed or answered.
+async fn api(
+    request: Request<Incoming>,
+    endpoint: Endpoint,
+    path: &str,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Response<Full<Bytes>> {
+    let authorized = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
+        == Some(format!("Bearer {}", shared.secret_key).as_bytes());
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let body =
+        match tokio::time::timeout(Duration::from_secs(5), request.into_body().collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            _ => Bytes::new(),
+        };
+    let json_body: Option<Value> = serde_json::from_slice(&body).ok();
+    let failure = {
+        let mut state = shared.state();
+        state.last_query.insert(endpoint, query.clone());
+        if let Some(b) = &json_body {
+            state.last_body.insert(endpoint, b.clone());
+        }
+        match state.api_failures_left {
+            Some(0) => Failure::None,
+            Some(n) => {
+                state.api_failures_left = Some(n - 1);
+                state.api_failure.clone()
+            }
+            None => state.api_failure.clone(),
+        }
+    };
+    shared
+        .api_calls
+        .send_modify(|calls| *calls.entry(endpoint).or_insert(0) += 1);
+
+    // Held answers wait for the release (or for the fake to be dropped).
+    let mut hold = shared.hold.subscribe();
+    tokio::select! {
+        _ = hold.wait_for(|held| !*held) => {}
+        () = stopped(shutdown) => {}
+    }
+
+    match failure {
+        Failure::None => {}
+        Failure::Status(code) => {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            return clerk_error(
+                status,
+                "internal_clerk_error",
+                "Oops, an unexpected error occurred",
+                "injected failure",
+            );
+        }
+        Failure::Hang => {
+            stopped(shutdown).await;
+            return clerk_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "stopped",
+                "stopped",
+            );
+        }
+        Failure::Body(bytes) => return json_response(StatusCode::OK, Bytes::from(bytes)),
+        Failure::RetryAfter(seconds) => {
+            let mut response = clerk_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests",
+                "Too many requests, retry later.",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
+    }
+    if !authorized {
+        return clerk_error(
+            StatusCode::UNAUTHORIZED,
+            "clerk_key_invalid",
+            "Secret Key is invalid",
+            "invalid",
+        );
+    }
+
+    let segments: Vec<&str> = path["/v1/".len()..].split('/').collect();
+    let id = segments.get(1).copied().unwrap_or("");
+    let mut state = shared.state();
+    match endpoint {
+        Endpoint::UsersGet => match state.users.get(id) {
+            Some(user) => ok_json(user),
+            None => not_found("user"),
+        },
+        Endpoint::UsersList => {
+            let wanted: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(k, _)| k == "user_id" || k == "user_id[]")
+                .map(|(_, v)| v.into_owned())
+                .collect();
+            let limit = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "limit")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(10);
+            let users: Vec<Value> = state
+                .users
+                .values()
+                .filter(|u| wanted.is_empty() || wanted.iter().any(|w| u["id"].as_str() == Some(w)))
+                .take(limit)
+                .cloned()
+                .collect();
+            ok_json(&Value::Array(users))
+        }
+        Endpoint::UsersUpdate | Endpoint::UsersMetadata => {
+            let Some(Value::Object(patch)) = json_body else {
+                return clerk_error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "form_param_format_invalid",
+                    "is invalid",
+                    "The request body is not a JSON object.",
+                );
+            };
+            let Some(user) = state.users.get_mut(id) else {
+                return not_found("user");
+            };
+            for (k, v) in &patch {
+                let metadata = matches!(
+                    k.as_str(),
+                    "public_metadata" | "private_metadata" | "unsafe_metadata"
+                );
+                if endpoint == Endpoint::UsersMetadata {
+                    if metadata {
+                        deep_merge(&mut user[k.as_str()], v);
+                    }
+                } else if !metadata && k != "id" && k != "object" {
+                    user[k.as_str()] = v.clone();
+                }
+            }
+            user["updated_at"] = json!(user["updated_at"].as_u64().unwrap_or(0) + 1);
+            ok_json(user)
+        }
+        Endpoint::UsersDelete => match state.users.remove(id) {
+            Some(_) => ok_json(&json!({"object": "user", "id": id, "deleted": true})),
+            None => not_found("user"),
+        },
+        Endpoint::SessionsList => {
+            let user = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "user_id")
+                .map(|(_, v)| v.into_owned());
+            let Some(user) = user else {
+                return clerk_error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "form_param_missing",
+                    "missing",
+                    "Either user_id or client_id is required.",
+                );
+            };
+            let mut ids: Vec<&String> = state
+                .sessions
+                .keys()
+                .filter(|sid| state.session_users.get(*sid) == Some(&user))
+                .collect();
+            ids.sort();
+            let sessions: Vec<Value> = ids
+                .into_iter()
+                .filter_map(|sid| session_json(&state, sid))
+                .collect();
+            ok_json(&Value::Array(sessions))
+        }
+        Endpoint::SessionsRevoke => {
+            if !state.sessions.contains_key(id) {
+                return not_found("session");
+            }
+            state.sessions.insert(id.to_owned(), "revoked".to_owned());
+            ok_json(&session_json(&state, id).expect("present"))
+        }
+        Endpoint::SessionsCreate => {
+            let user = json_body
+                .as_ref()
+                .and_then(|b| b["user_id"].as_str())
+                .map(str::to_owned);
+            let Some(user) = user.filter(|u| state.users.contains_key(u)) else {
+                return not_found("user");
+            };
+            state.created_sessions += 1;
+            let sid = format!("sess_fake_created_{}", state.created_sessions);
+            state.sessions.insert(sid.clone(), "active".to_owned());
+            state.session_users.insert(sid.clone(), user);
+            ok_json(&session_json(&state, &sid).expect("present"))
+        }
     }
 }

@@ -62,6 +62,8 @@ impl Upstream {
 pub struct Sidecar {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The local API's listener (bound always; served only when the config enables it).
+    pub local_api: SocketAddr,
     pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<()>>,
@@ -120,13 +122,22 @@ impl Sidecar {
     pub async fn start_config(config: Config) -> Sidecar {
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let local_api = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind local api");
         let proxy_addr = proxy.local_addr().expect("proxy addr");
         let admin_addr = admin.local_addr().expect("admin addr");
+        let local_api_addr = local_api.local_addr().expect("local api addr");
         let app = App::build(config).expect("app builds");
         let metrics = app.metrics.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
-            app.run(Listeners { proxy, admin }, async move {
+            let listeners = Listeners {
+                proxy,
+                admin,
+                local_api: Some(local_api),
+            };
+            app.run(listeners, async move {
                 let _ = rx.await;
             })
             .await
@@ -135,6 +146,7 @@ impl Sidecar {
         Sidecar {
             proxy: proxy_addr,
             admin: admin_addr,
+            local_api: local_api_addr,
             metrics,
             stop: Some(tx),
             join: Some(join),
@@ -143,6 +155,11 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
+    }
+
+    /// A URL on the local API listener.
+    pub fn local_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.local_api)
     }
 
     pub fn admin_url(&self, path: &str) -> String {

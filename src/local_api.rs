@@ -1,0 +1,759 @@
+//! The pod-local Clerk API: users and sessions for the backend beside clerkgate, without the
+//! backend holding `CLERK_SECRET_KEY`.
+//!
+//! A third listener (`local_api.listen`, loopback by default) answers a subset of Clerk's Backend
+//! API under the same paths and in the same JSON (Clerk's snake_case objects and error shape), so
+//! a backend can keep Clerk's types and swap an SDK's base URL for `http://127.0.0.1:9091`:
+//!
+//! | local API | Backend API call |
+//! | --- | --- |
+//! | `GET /v1/users/{id}` | `GET /v1/users/{id}`, cached |
+//! | `GET /v1/users?…` | `GET /v1/users`, filters passed through, not cached |
+//! | `PATCH /v1/users/{id}` | the same; invalidates the cached user |
+//! | `PATCH /v1/users/{id}/metadata` | the same; invalidates the cached user |
+//! | `DELETE /v1/users/{id}` | the same; invalidates, and denies the user's tokens at the edge |
+//! | `GET /v1/sessions/{id}` | the same, cached briefly (`validateSession`) |
+//! | `GET /v1/sessions?…` | `GET /v1/sessions` |
+//! | `POST /v1/sessions/{id}/revoke` | the same; also denies the session at the edge |
+//! | `POST /v1/sessions` | the same (development instances only; Clerk's error passed on) |
+//! | `POST /v1/tokens/verify` | none: the proxy's own verification and deny-lists |
+//!
+//! Everything Clerk answers is passed on as it is, errors included; what clerkgate answers itself
+//! is decided in [`reply`]. Calls go through the one [`BackendApi`] client, so the local API and
+//! api-mode session checks share one client-side budget and one `Retry-After` pause, as Clerk
+//! counts them per instance. Only `GET`s are retried.
+//!
+//! Who may call: anything that can reach the listener. That is why it binds loopback by default
+//! and why any other address requires `local_api.token`, checked in constant time on every
+//! request.
+
+pub mod cache;
+pub mod limit;
+pub mod reply;
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::auth::identity::Identity;
+use crate::auth::{AuthError, Authenticator, now_ms};
+use crate::clerk::api::{Answer, BackendApi, Call, CallError};
+use crate::config::{ConfigError, Secret};
+use crate::server::{ConnInfo, Handler};
+use crate::sessions::Guard;
+use crate::telemetry::{ApiEndpoint, Label, LocalApiRoute, Metrics};
+use cache::{Caches, ObjectCache};
+use reply::{LocalError, Reply, Throttle};
+use route::{Route, RouteError};
+
+/// `[local_api]`: the pod-local Clerk API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Serve the local API. It also needs `clerk.secret_key`: without it the listener is not
+    /// started (every route but `tokens/verify` is a Backend API call).
+    pub enabled: bool,
+    /// Address of the local API. Anything but loopback requires `token`.
+    pub listen: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer <token>`); at least 16
+    /// characters.
+    pub token: Option<Secret>,
+    /// Most users, and most sessions, cached (each).
+    pub cache_capacity: u64,
+    /// Seconds a fetched user is served from the cache (webhooks and writes invalidate sooner).
+    pub user_cache_ttl_seconds: u64,
+    /// Seconds a fetched session is served from the cache.
+    pub session_cache_ttl_seconds: u64,
+    /// User updates (`PATCH` user or metadata) allowed per user per 10 s (Clerk's limit: 10).
+    pub user_updates_per_10s: u32,
+    /// Timeout of one Backend API attempt.
+    pub attempt_timeout_ms: u64,
+    /// Longest a local API request waits for Clerk, retries included (then 504).
+    pub request_timeout_ms: u64,
+    /// Extra attempts of a `GET` after a timeout, network error or 500/502/503/504.
+    pub get_retries: u32,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            token: None,
+            cache_capacity: 10_000,
+            user_cache_ttl_seconds: 60,
+            session_cache_ttl_seconds: 5,
+            user_updates_per_10s: 10,
+            attempt_timeout_ms: 2_000,
+            request_timeout_ms: 5_000,
+            get_retries: 2,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Shortest accepted `local_api.token`.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Largest Backend API response body passed on (a `GET /v1/users?limit=500` is a few MiB).
+const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+impl Config {
+    /// Checks the section, and its address against the other listeners'.
+    pub fn validate(&self, config: &crate::config::Config) -> Result<(), ConfigError> {
+        if let Some(token) = &self.token
+            && token.expose().chars().count() < MIN_TOKEN_CHARS
+        {
+            return Err(ConfigError::new(
+                "local_api.token",
+                format!("must be at least {MIN_TOKEN_CHARS} characters"),
+            ));
+        }
+        if self.enabled && !self.listen.ip().is_loopback() && self.token.is_none() {
+            return Err(ConfigError::new(
+                "local_api.token",
+                format!(
+                    "required because local_api.listen ({}) is not a loopback address: anything \
+                     that reaches it could read and change users with the instance's secret key",
+                    self.listen
+                ),
+            ));
+        }
+        for (key, v, max) in [
+            (
+                "local_api.user_cache_ttl_seconds",
+                self.user_cache_ttl_seconds,
+                86_400,
+            ),
+            (
+                "local_api.session_cache_ttl_seconds",
+                self.session_cache_ttl_seconds,
+                3_600,
+            ),
+            (
+                "local_api.attempt_timeout_ms",
+                self.attempt_timeout_ms,
+                600_000,
+            ),
+            (
+                "local_api.request_timeout_ms",
+                self.request_timeout_ms,
+                600_000,
+            ),
+        ] {
+            if v == 0 || v > max {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be between 1 and {max}"),
+                ));
+            }
+        }
+        if self.cache_capacity == 0 {
+            return Err(ConfigError::new(
+                "local_api.cache_capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.user_updates_per_10s == 0 {
+            return Err(ConfigError::new(
+                "local_api.user_updates_per_10s",
+                "must be at least 1",
+            ));
+        }
+        if self.get_retries > 5 {
+            return Err(ConfigError::new(
+                "local_api.get_retries",
+                "must be at most 5",
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError::new(
+                "local_api.max_body_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.enabled && config.sessions.api_budget_per_10s == 0 {
+            return Err(ConfigError::new(
+                "sessions.api_budget_per_10s",
+                "must be at least 1 while the local API is enabled (it shares this budget)",
+            ));
+        }
+        if self.enabled && self.listen.port() != 0 {
+            for (key, other) in [
+                ("proxy.listen", config.proxy.listen),
+                ("admin.listen", config.admin.listen),
+            ] {
+                if other == self.listen {
+                    return Err(ConfigError::new(
+                        "local_api.listen",
+                        format!("must differ from {key}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the listener runs, or why not.
+    pub fn serves(&self, clerk: &crate::clerk::Config) -> Result<(), &'static str> {
+        if !self.enabled {
+            return Err("local_api.enabled = false");
+        }
+        if clerk.secret_key.is_none() {
+            return Err("no clerk.secret_key (CLERK_SECRET_KEY): its routes are Backend API calls");
+        }
+        Ok(())
+    }
+}
+
+/// `Authorization: Bearer <token>` against the token's SHA-256, compared in constant time.
+/// Hashing first makes the comparison independent of the presented token's length too.
+fn bearer_matches(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
+    let Some((scheme, token)) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+    else {
+        return false;
+    };
+    // RFC 9110 section 11.1: the scheme is case-insensitive.
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let presented = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.trim().as_bytes());
+    aws_lc_rs::constant_time::verify_slices_are_equal(presented.as_ref(), expected).is_ok()
+}
+
+/// Whether a write Clerk was asked to make may have happened: yes unless Clerk refused it (a
+/// 4xx) or it was never sent (a local rate limit). Unknown outcomes count as done, so a timeout
+/// on a revoke still closes the session at the edge.
+fn may_have_happened(result: &Result<Answer, CallError>) -> bool {
+    match result {
+        Ok(answer) => !answer.status.is_client_error(),
+        Err(CallError::Paused { .. } | CallError::Budget { .. }) => false,
+        Err(CallError::Timeout | CallError::Network(_) | CallError::Invalid) => true,
+    }
+}
+
+/// The normalised identity of a verified token, as `POST /v1/tokens/verify` returns it.
+pub fn identity_json(identity: &Identity) -> Value {
+    json!({
+        "object": "verified_token",
+        "user_id": identity.user_id,
+        "session_id": identity.session_id,
+        "org": identity.org.as_ref().map(|o| json!({
+            "id": o.id,
+            "slug": o.slug,
+            "role": o.role,
+            "permissions": o.permissions,
+        })),
+        "actor_id": identity.actor_id,
+        "claims": identity.claims,
+    })
+}
+
+#[derive(Deserialize)]
+struct VerifyRequest {
+    token: String,
+}
+
+/// Why a cached read got no body: Clerk's non-2xx answer, or no answer.
+enum Fetch {
+    Answer(Answer),
+    Call(CallError),
+}
+
+/// Which cache a read goes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Object {
+    User,
+    Session,
+}
+
+/// The local API handler.
+pub struct LocalApi {
+    api: Arc<BackendApi>,
+    auth: Arc<Authenticator>,
+    sessions: Arc<Guard>,
+    caches: Arc<Caches>,
+    user_updates: limit::PerKey,
+    /// SHA-256 of `local_api.token`; the token itself is not kept.
+    token: Option<[u8; 32]>,
+    attempt_timeout: Duration,
+    request_timeout: Duration,
+    get_retries: u32,
+    max_body: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl LocalApi {
+    /// Builds the handler and registers its caches for webhook-driven invalidation.
+    pub fn new(
+        config: &Config,
+        api: Arc<BackendApi>,
+        auth: Arc<Authenticator>,
+        sessions: Arc<Guard>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let caches = Arc::new(Caches {
+            users: ObjectCache::new(
+                config.cache_capacity,
+                Duration::from_secs(config.user_cache_ttl_seconds),
+            ),
+            sessions: ObjectCache::new(
+                config.cache_capacity,
+                Duration::from_secs(config.session_cache_ttl_seconds),
+            ),
+        });
+        sessions.set_change_listener(caches.clone());
+        let token = config.token.as_ref().map(|t| {
+            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, t.expose().as_bytes());
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        });
+        Self {
+            api,
+            auth,
+            sessions,
+            caches,
+            user_updates: limit::PerKey::new(
+                config.user_updates_per_10s,
+                Duration::from_secs(10),
+                config.cache_capacity,
+            ),
+            token,
+            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            get_retries: config.get_retries,
+            max_body: config.max_body_bytes,
+            metrics,
+        }
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> (LocalApiRoute, Reply) {
+        let (parts, body) = req.into_parts();
+        let routed = route::route(&parts.method, parts.uri.path());
+        let label = routed.map_or(LocalApiRoute::Unknown, Route::label);
+        if let Some(expected) = &self.token
+            && !bearer_matches(&parts.headers, expected)
+        {
+            return (label, Reply::error(LocalError::Unauthorized));
+        }
+        let route = match routed {
+            Ok(route) => route,
+            Err(e) => {
+                let e = match e {
+                    RouteError::NotFound => LocalError::RouteNotFound,
+                    RouteError::MethodNotAllowed { allow } => {
+                        LocalError::MethodNotAllowed { allow }
+                    }
+                    RouteError::InvalidId => LocalError::InvalidId,
+                };
+                return (label, Reply::error(e));
+            }
+        };
+        let query = parts.uri.query();
+        let reply = match route {
+            Route::UsersGet(id) => self.cached_get(Object::User, id).await,
+            Route::SessionsGet(id) => self.cached_get(Object::Session, id).await,
+            Route::UsersList => {
+                self.pass(self.call(ApiEndpoint::UsersList, Method::GET, "v1/users", query, None))
+                    .await
+            }
+            Route::SessionsList => {
+                let call = self.call(
+                    ApiEndpoint::SessionsList,
+                    Method::GET,
+                    "v1/sessions",
+                    query,
+                    None,
+                );
+                self.pass(call).await
+            }
+            Route::UsersUpdate(id) => self.update_user(id, false, body).await,
+            Route::UsersMetadataUpdate(id) => self.update_user(id, true, body).await,
+            Route::UsersDelete(id) => self.delete_user(id).await,
+            Route::SessionsRevoke(id) => self.revoke_session(id).await,
+            Route::SessionsCreate => match self.read_json(body).await {
+                Ok(body) => {
+                    let call = self.call(
+                        ApiEndpoint::SessionsCreate,
+                        Method::POST,
+                        "v1/sessions",
+                        None,
+                        Some(body),
+                    );
+                    self.pass(call).await
+                }
+                Err(e) => Reply::error(e),
+            },
+            Route::TokensVerify => self.verify_token(body).await,
+        };
+        (label, reply)
+    }
+
+    fn call<'a>(
+        &self,
+        endpoint: ApiEndpoint,
+        method: Method,
+        path: &'a str,
+        query: Option<&'a str>,
+        body: Option<Bytes>,
+    ) -> Call<'a> {
+        Call {
+            endpoint,
+            method,
+            path,
+            query,
+            body,
+            timeout: Some(self.attempt_timeout),
+            retries: self.get_retries,
+            max_body_bytes: MAX_RESPONSE_BYTES,
+        }
+    }
+
+    /// One Backend API call (retries included) within `request_timeout`.
+    async fn send(&self, call: Call<'_>) -> Result<Answer, CallError> {
+        tokio::time::timeout(self.request_timeout, self.api.call(call))
+            .await
+            .unwrap_or(Err(CallError::Timeout))
+    }
+
+    async fn pass(&self, call: Call<'_>) -> Reply {
+        match self.send(call).await {
+            Ok(answer) => Reply::clerk(&answer),
+            Err(e) => Reply::error(e.into()),
+        }
+    }
+
+    /// A capped request body that must be a JSON object; passed on byte for byte.
+    async fn read_json(&self, body: Incoming) -> Result<Bytes, LocalError> {
+        let bytes = match Limited::new(body, self.max_body).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(LocalError::BodyTooLarge);
+            }
+            Err(_) => return Err(LocalError::InvalidBody),
+        };
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(_)) => Ok(bytes),
+            _ => Err(LocalError::InvalidBody),
+        }
+    }
+
+    /// A read through the user or session cache: one Backend API call for any number of
+    /// concurrent misses, and only 2xx answers cached.
+    async fn cached_get(&self, object: Object, id: &str) -> Reply {
+        let (cache, endpoint, path) = match object {
+            Object::User => (
+                &self.caches.users,
+                ApiEndpoint::UsersGet,
+                format!("v1/users/{id}"),
+            ),
+            Object::Session => (
+                &self.caches.sessions,
+                ApiEndpoint::SessionsGet,
+                format!("v1/sessions/{id}"),
+            ),
+        };
+        let api = self.api.clone();
+        let (timeout, retries) = (self.attempt_timeout, self.get_retries);
+        // Owned: the fetch may outlive this request when a coalesced waiter takes it over.
+        let fetch = async move {
+            let call = Call {
+                endpoint,
+                method: Method::GET,
+                path: &path,
+                query: None,
+                body: None,
+                timeout: Some(timeout),
+                retries,
+                max_body_bytes: MAX_RESPONSE_BYTES,
+            };
+            match api.call(call).await {
+                Ok(answer) if answer.status.is_success() => Ok(answer.body),
+                Ok(answer) => Err(Fetch::Answer(answer)),
+                Err(e) => Err(Fetch::Call(e)),
+            }
+        };
+        match tokio::time::timeout(self.request_timeout, cache.get_or_fetch(id, fetch)).await {
+            Ok(Ok((body, fetched))) => {
+                if object == Object::User {
+                    if fetched {
+                        self.metrics.user_cache_misses.inc();
+                    } else {
+                        self.metrics.user_cache_hits.inc();
+                    }
+                }
+                Reply::clerk_ok(StatusCode::OK, body)
+            }
+            Ok(Err(e)) => match &*e {
+                Fetch::Answer(answer) => Reply::clerk(answer),
+                Fetch::Call(e) => Reply::error(e.clone().into()),
+            },
+            Err(_) => Reply::error(LocalError::UpstreamTimeout),
+        }
+    }
+
+    async fn update_user(&self, id: &str, metadata: bool, body: Incoming) -> Reply {
+        let body = match self.read_json(body).await {
+            Ok(body) => body,
+            Err(e) => return Reply::error(e),
+        };
+        if let Err(retry_after_seconds) = self.user_updates.take(id, Instant::now()) {
+            return Reply::error(LocalError::RateLimited {
+                retry_after_seconds,
+                by: Throttle::UserUpdates,
+            });
+        }
+        let (endpoint, path) = if metadata {
+            (
+                ApiEndpoint::UsersMetadataUpdate,
+                format!("v1/users/{id}/metadata"),
+            )
+        } else {
+            (ApiEndpoint::UsersUpdate, format!("v1/users/{id}"))
+        };
+        let result = self
+            .send(self.call(endpoint, Method::PATCH, &path, None, Some(body)))
+            .await;
+        // Even a failed or timed-out update may have been applied.
+        self.caches.users.invalidate(id);
+        match result {
+            Ok(answer) => Reply::clerk(&answer),
+            Err(e) => Reply::error(e.into()),
+        }
+    }
+
+    async fn delete_user(&self, id: &str) -> Reply {
+        let path = format!("v1/users/{id}");
+        let result = self
+            .send(self.call(ApiEndpoint::UsersDelete, Method::DELETE, &path, None, None))
+            .await;
+        self.caches.users.invalidate(id);
+        if may_have_happened(&result) {
+            // Tokens issued before now stop working at this edge at once, not at their `exp`.
+            self.sessions.store().deny_user_before(id, now_ms());
+            tracing::debug!(user = id, "user deleted; earlier tokens denied at the edge");
+        }
+        match result {
+            Ok(answer) => Reply::clerk(&answer),
+            Err(e) => Reply::error(e.into()),
+        }
+    }
+
+    async fn revoke_session(&self, id: &str) -> Reply {
+        let path = format!("v1/sessions/{id}/revoke");
+        let result = self
+            .send(self.call(ApiEndpoint::SessionsRevoke, Method::POST, &path, None, None))
+            .await;
+        self.caches.sessions.invalidate(id);
+        if may_have_happened(&result) {
+            let store = self.sessions.store();
+            store.deny_session(id);
+            store.set_status(id, "revoked");
+            self.sessions.forget(id).await;
+            self.metrics
+                .revoked_sessions
+                .set(store.denied_sessions() as i64);
+            tracing::debug!(session = id, "session revoked; denied at the edge");
+        }
+        match result {
+            Ok(answer) => Reply::clerk(&answer),
+            Err(e) => Reply::error(e.into()),
+        }
+    }
+
+    /// The proxy's verification (keys, claims, cache) and deny-lists, for tokens that arrive
+    /// outside HTTP.
+    async fn verify_token(&self, body: Incoming) -> Reply {
+        let request = match self.read_json(body).await {
+            Ok(body) => serde_json::from_slice::<VerifyRequest>(&body),
+            Err(e) => return Reply::error(e),
+        };
+        let Ok(request) = request else {
+            return Reply::error(LocalError::InvalidBody);
+        };
+        let token = request.token.trim();
+        if token.is_empty() {
+            return Reply::token_rejected(AuthError::Missing);
+        }
+        let identity = match self.auth.authenticate(token, now_ms()).await {
+            Ok(identity) => identity,
+            Err(e) => return Reply::token_rejected(e),
+        };
+        match self.sessions.check(&identity).await {
+            Ok(()) => Reply::ok_json(&identity_json(&identity)),
+            Err(e) => Reply::token_rejected(e),
+        }
+    }
+}
+
+impl Handler for LocalApi {
+    type Body = Full<Bytes>;
+
+    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Full<Bytes>> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let (route, reply) = self.respond(req).await;
+        self.metrics.local_api_requests.inc(route, reply.result);
+        // Route labels only: paths carry user and session ids.
+        tracing::debug!(
+            %method,
+            route = route.as_label(),
+            result = reply.result.as_label(),
+            status = reply.response.status().as_u16(),
+            micros = start.elapsed().as_micros() as u64,
+            peer = %conn.peer,
+            "local api request"
+        );
+        reply.response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn digest(token: &str) -> [u8; 32] {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        d.as_ref().try_into().unwrap()
+    }
+
+    #[test]
+    fn only_the_configured_bearer_token_passes() {
+        let expected = digest("local-api-token-0123");
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            h
+        };
+        assert!(bearer_matches(
+            &with("Bearer local-api-token-0123"),
+            &expected
+        ));
+        assert!(bearer_matches(
+            &with("bearer local-api-token-0123"),
+            &expected
+        ));
+        for wrong in [
+            "Bearer local-api-token-012",
+            "Bearer local-api-token-01234",
+            "Basic local-api-token-0123",
+            "local-api-token-0123",
+            "Bearer ",
+        ] {
+            assert!(!bearer_matches(&with(wrong), &expected), "{wrong}");
+        }
+        assert!(!bearer_matches(&HeaderMap::new(), &expected));
+    }
+
+    fn config(toml: &str) -> Result<crate::config::Config, ConfigError> {
+        crate::config::Config::from_toml(&format!(
+            "[clerk]\nsecret_key = \"sk_test_x\"\nissuer = \"https://clerk.example.com\"\n{toml}"
+        ))
+    }
+
+    #[test]
+    fn the_default_listener_is_loopback_and_needs_no_token() {
+        let c = config("").unwrap();
+        assert_eq!(c.local_api.listen.to_string(), "127.0.0.1:9091");
+        assert!(c.local_api.token.is_none());
+        assert_eq!(c.local_api.serves(&c.clerk), Ok(()));
+        assert!(config("[local_api]\nlisten = \"[::1]:9091\"\n").is_ok());
+    }
+
+    #[test]
+    fn any_other_address_requires_a_token() {
+        for listen in ["0.0.0.0:9091", "10.1.2.3:9091", "[::]:9091"] {
+            let err = config(&format!("[local_api]\nlisten = \"{listen}\"\n")).unwrap_err();
+            assert_eq!(err.key, "local_api.token", "{listen}: {err}");
+        }
+        assert!(
+            config("[local_api]\nlisten = \"0.0.0.0:9091\"\ntoken = \"0123456789abcdef\"\n")
+                .is_ok()
+        );
+        let err =
+            config("[local_api]\nlisten = \"0.0.0.0:9091\"\ntoken = \"short\"\n").unwrap_err();
+        assert_eq!(err.key, "local_api.token");
+        // Disabled, nothing listens, so nothing needs protecting.
+        assert!(config("[local_api]\nenabled = false\nlisten = \"0.0.0.0:9091\"\n").is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (toml, key) in [
+            (
+                "user_cache_ttl_seconds = 0",
+                "local_api.user_cache_ttl_seconds",
+            ),
+            ("request_timeout_ms = 0", "local_api.request_timeout_ms"),
+            ("cache_capacity = 0", "local_api.cache_capacity"),
+            ("user_updates_per_10s = 0", "local_api.user_updates_per_10s"),
+            ("get_retries = 9", "local_api.get_retries"),
+            (
+                "listen = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef\"",
+                "local_api.listen",
+            ),
+            ("tokn = \"x\"", "local_api"),
+        ] {
+            let err = config(&format!("[local_api]\n{toml}\n")).unwrap_err();
+            assert!(err.key.starts_with(key), "{toml}: {err}");
+        }
+        let err = config("[sessions]\napi_budget_per_10s = 0\n").unwrap_err();
+        assert_eq!(err.key, "sessions.api_budget_per_10s");
+        assert!(
+            config("[sessions]\napi_budget_per_10s = 0\n[local_api]\nenabled = false\n").is_ok()
+        );
+    }
+
+    #[test]
+    fn without_a_secret_key_the_listener_does_not_run() {
+        let c = crate::config::Config::from_toml(
+            "[clerk]\nissuer = \"https://clerk.example.com\"\njwks_url = \"https://clerk.example.com/.well-known/jwks.json\"\n",
+        )
+        .unwrap();
+        assert!(
+            c.local_api
+                .serves(&c.clerk)
+                .unwrap_err()
+                .contains("secret_key")
+        );
+        let c = config("[local_api]\nenabled = false\n").unwrap();
+        assert_eq!(
+            c.local_api.serves(&c.clerk),
+            Err("local_api.enabled = false")
+        );
+    }
+
+    #[test]
+    fn only_refused_or_unsent_writes_count_as_not_done() {
+        let answer = |status: u16| {
+            Ok(Answer {
+                status: StatusCode::from_u16(status).unwrap(),
+                body: Bytes::new(),
+                retry_after_seconds: None,
+            })
+        };
+        assert!(may_have_happened(&answer(200)));
+        assert!(may_have_happened(&answer(502)));
+        assert!(!may_have_happened(&answer(404)));
+        assert!(!may_have_happened(&answer(429)));
+        assert!(may_have_happened(&Err(CallError::Timeout)));
+        assert!(!may_have_happened(&Err(CallError::Budget {
+            retry_after_seconds: 3
+        })));
+    }
+}

@@ -1,0 +1,168 @@
+//! The local API's copies of Clerk users and sessions: bounded, with a TTL, concurrent misses for
+//! one id coalesced into one Backend API call, and invalidation that cannot lose a race.
+//!
+//! The race: a read starts fetching user U, a `PATCH` of U completes and invalidates, then the
+//! read's (pre-`PATCH`) answer arrives and is stored. Deleting the entry cannot prevent that, and
+//! a read arriving after the `PATCH` would even join the stale fetch. So every id maps to one of
+//! [`STRIPES`] epoch counters and the epoch is part of the cache key: invalidating bumps the epoch,
+//! and every later read uses a new key that neither the stale entry nor the stale fetch can
+//! answer. The cost is that an invalidation also drops the other ids of its stripe (1 in
+//! [`STRIPES`]), and orphaned entries occupy capacity until their TTL or eviction.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::sessions::{ChangeListener, Changed};
+
+/// Epoch counters per cache (8 KiB each).
+pub const STRIPES: usize = 1024;
+
+/// JSON bodies of one kind of Clerk object, by id.
+pub struct ObjectCache {
+    entries: moka::future::Cache<(String, u64), Bytes>,
+    epochs: Box<[AtomicU64]>,
+}
+
+/// FNV-1a: cheap, and stable across runs (unlike `DefaultHasher`'s random keys it needs none).
+fn stripe(id: &str) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % STRIPES as u64) as usize
+}
+
+impl ObjectCache {
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        Self {
+            entries: moka::future::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The cached body of `id`, or the result of `fetch`, which runs at most once for any number
+    /// of concurrent callers (they all get its result). Errors are returned to every waiter and
+    /// not cached. The flag is `true` when this call ran `fetch`.
+    pub async fn get_or_fetch<F, E>(&self, id: &str, fetch: F) -> Result<(Bytes, bool), Arc<E>>
+    where
+        F: Future<Output = Result<Bytes, E>>,
+        E: Send + Sync + 'static,
+    {
+        let epoch = self.epochs[stripe(id)].load(Ordering::Acquire);
+        let entry = self
+            .entries
+            .entry((id.to_owned(), epoch))
+            .or_try_insert_with(fetch)
+            .await?;
+        let fetched = entry.is_fresh();
+        Ok((entry.into_value(), fetched))
+    }
+
+    /// Makes every later read of `id` go to Clerk, including reads that would otherwise have
+    /// joined a fetch already in flight.
+    pub fn invalidate(&self, id: &str) {
+        self.epochs[stripe(id)].fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The user and session caches, told about webhook-reported changes through the session guard.
+pub struct Caches {
+    pub users: ObjectCache,
+    pub sessions: ObjectCache,
+}
+
+impl ChangeListener for Caches {
+    fn changed(&self, what: Changed<'_>) {
+        match what {
+            Changed::User(id) => self.users.invalidate(id),
+            Changed::Session(id) => self.sessions.invalidate(id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn cache() -> ObjectCache {
+        ObjectCache::new(100, Duration::from_secs(60))
+    }
+
+    async fn get(c: &ObjectCache, id: &str, calls: &AtomicUsize, body: &'static str) -> Bytes {
+        c.get_or_fetch(id, async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ()>(Bytes::from_static(body.as_bytes()))
+        })
+        .await
+        .unwrap()
+        .0
+    }
+
+    #[tokio::test]
+    async fn hits_misses_and_invalidation() {
+        let c = cache();
+        let calls = AtomicUsize::new(0);
+        assert_eq!(get(&c, "user_1", &calls, "v1").await, "v1");
+        assert_eq!(get(&c, "user_1", &calls, "v2").await, "v1", "a hit");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        c.invalidate("user_1");
+        assert_eq!(get(&c, "user_1", &calls, "v2").await, "v2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn errors_are_shared_but_not_cached() {
+        let c = cache();
+        let err = c
+            .get_or_fetch("user_1", async { Err::<Bytes, _>("down") })
+            .await
+            .unwrap_err();
+        assert_eq!(*err, "down");
+        let calls = AtomicUsize::new(0);
+        assert_eq!(get(&c, "user_1", &calls, "up").await, "up");
+    }
+
+    #[tokio::test]
+    async fn a_read_after_invalidation_does_not_join_a_stale_fetch() {
+        let c = Arc::new(cache());
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let stale = tokio::spawn({
+            let c = c.clone();
+            async move {
+                c.get_or_fetch("user_1", async move {
+                    let _ = started_tx.send(());
+                    let _ = released.await;
+                    Ok::<_, ()>(Bytes::from_static(b"before"))
+                })
+                .await
+                .unwrap()
+            }
+        });
+        started.await.unwrap();
+        // The write completes while the read is in flight.
+        c.invalidate("user_1");
+        let calls = AtomicUsize::new(0);
+        assert_eq!(get(&c, "user_1", &calls, "after").await, "after");
+        let _ = release.send(());
+        assert_eq!(stale.await.unwrap(), (Bytes::from_static(b"before"), true));
+        assert_eq!(get(&c, "user_1", &calls, "later").await, "after");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn stripes_spread_ids() {
+        let used: std::collections::HashSet<usize> =
+            (0..4096).map(|i| stripe(&format!("user_{i}"))).collect();
+        assert!(used.len() > STRIPES / 2, "{}", used.len());
+        assert_eq!(stripe("user_1"), stripe("user_1"));
+    }
+}
