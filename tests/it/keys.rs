@@ -10,25 +10,12 @@ use std::time::Duration;
 use clerkgate::telemetry::{AuthFailure, JwksFetchResult, Outcome};
 use serde_json::{Value, json};
 
+use crate::support::eventually;
 use crate::support::sidecar::{base_toml, config};
 use crate::support::{Failure, FakeClerk, Sidecar, SigningKey, Upstream, client};
 
 /// Upper bound for every wait in this file; generous because CI machines stall.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Starts clerkgate without waiting for readiness (for tests where it must not become ready).
 async fn start_unready(clerk: &FakeClerk, upstream: &Upstream, extra: &str) -> Sidecar {

@@ -16,25 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
+use crate::support::eventually;
 use crate::support::sidecar::{base_toml, config};
 use crate::support::{FakeClerk, Sidecar, Upstream, client};
 
 /// Upper bound for every wait in this file; generous because CI machines stall.
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Polls `check` every 20 ms until it holds or `timeout` passes.
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// The reason code of one of clerkgate's own refusals.
 async fn reason(resp: reqwest::Response) -> String {

@@ -20,3 +20,21 @@ pub fn now() -> u64 {
         .expect("the system clock is after 1970")
         .as_secs()
 }
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes (for conditions reached by
+/// background work, such as a key refresh, where no event can be awaited).
+pub async fn eventually(
+    timeout: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
