@@ -60,7 +60,10 @@ pub fn main() -> ExitCode {
         },
         Command::CheckConfig => match load(file.as_deref()) {
             Ok(config) => {
-                print!("{}", config.to_redacted_toml());
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stdout().lock(),
+                    config.to_redacted_toml().as_bytes(),
+                );
                 eprintln!("configuration OK");
                 ExitCode::SUCCESS
             }

@@ -12,6 +12,7 @@
 pub mod echo;
 pub mod signing;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -354,7 +355,10 @@ fn print_banner(
     let local_api_line = local_api
         .map(|a| format!("local API http://{a}/v1/tokens/verify\n"))
         .unwrap_or_default();
-    println!(
+    // The banner is a convenience: a closed stdout (`clerkgate dev | head`) must not stop the
+    // proxy, so write errors are ignored instead of panicking like println! would.
+    let _ = writeln!(
+        std::io::stdout().lock(),
         "{line}\n  clerkgate DEVELOPMENT MODE: in-memory signing key, local JWKS.\n  \
          NOT FOR PRODUCTION: anyone who can reach {keys} can mint tokens.\n{line}\n\
          proxy     http://{proxy}  ->  {upstream}{upstream_note}\n\
@@ -403,7 +407,11 @@ async fn mint_remote(
     };
     match resp.json::<serde_json::Value>().await {
         Ok(v) if v.get("jwt").and_then(|j| j.as_str()).is_some() => {
-            println!("{}", v["jwt"].as_str().unwrap_or_default());
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                v["jwt"].as_str().unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         _ => {
