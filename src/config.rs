@@ -91,6 +91,17 @@ enum ClerkVar {
     Integer,
 }
 
+/// Kubernetes injects `<SERVICE>_PORT`, `<SERVICE>_PORT_8080_TCP_ADDR`, `<SERVICE>_SERVICE_HOST`,
+/// ... for every Service in the namespace; a Service named `clerkgate` would otherwise make its
+/// own pods fail to start. None of them contains the `__` every setting has.
+fn is_service_link(rest: &str) -> bool {
+    !rest.contains("__")
+        && (rest == "PORT"
+            || rest.starts_with("PORT_")
+            || rest == "SERVICE_HOST"
+            || rest.starts_with("SERVICE_PORT"))
+}
+
 /// Prefix of the variables that can set any key: `CLERKGATE_PROXY__LISTEN` sets `proxy.listen`.
 const ENV_PREFIX: &str = "CLERKGATE_";
 
@@ -140,7 +151,11 @@ impl Config {
         }
         let mut prefixed: Vec<&(String, String)> = env
             .iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "CLERKGATE_CONFIG")
+            .filter(|(k, _)| {
+                k.starts_with(ENV_PREFIX)
+                    && k != "CLERKGATE_CONFIG"
+                    && !is_service_link(&k[ENV_PREFIX.len()..])
+            })
             .collect();
         prefixed.sort();
         for (name, raw) in prefixed {
@@ -342,6 +357,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.webhooks.secret.unwrap().expose(), "whsec_c2lnbmluZw==");
         assert_eq!(c.sessions.duration_seconds, 600);
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_ignored() {
+        let env = [
+            ("CLERK_SECRET_KEY", "sk_test_abc"),
+            ("CLERK_PUBLISHABLE_KEY", pk()),
+            ("CLERKGATE_PORT", "tcp://10.0.0.1:80"),
+            ("CLERKGATE_PORT_80_TCP_ADDR", "10.0.0.1"),
+            ("CLERKGATE_SERVICE_HOST", "10.0.0.1"),
+            ("CLERKGATE_SERVICE_PORT_HTTP", "80"),
+        ];
+        assert!(Config::load(None, env).is_ok());
+        // A real setting with a typo is still an error.
+        let err = Config::load(None, [("CLERKGATE_PROXY_LISTEN", "x")]).unwrap_err();
+        assert!(err.message.contains("proxy_listen"), "{err}");
     }
 
     #[test]
