@@ -501,40 +501,8 @@ async fn handle(
 
     // Injected failures model Clerk being unwell, which happens before it looks at credentials.
     let failure = shared.state().failure.clone();
-    match failure {
-        Failure::None => {}
-        Failure::Status(code) => {
-            let status = StatusCode::from_u16(code).expect("Failure::Status needs a valid status");
-            return Ok(clerk_error(
-                status,
-                "internal_clerk_error",
-                "Oops, an unexpected error occurred",
-                "There was an internal error on our servers. We've been notified and are working on fixing it.",
-            ));
-        }
-        Failure::Hang => {
-            // Answered only so the connection can close once the fake is dropped.
-            stopped(&mut shutdown).await;
-            return Ok(clerk_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "fake Clerk stopped",
-                "The fake Clerk was dropped while this request hung.",
-            ));
-        }
-        Failure::Body(bytes) => return Ok(json_response(StatusCode::OK, Bytes::from(bytes))),
-        Failure::RetryAfter(seconds) => {
-            let mut response = clerk_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                "Too many requests",
-                "Too many requests, retry later.",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds));
-            return Ok(response);
-        }
+    if let Some(response) = injected(failure, &mut shutdown).await {
+        return Ok(response);
     }
 
     if needs_secret {
@@ -562,6 +530,48 @@ async fn handle(
 }
 
 /// Clerk's Backend API error shape.
+/// The response an injected failure calls for, or `None` to answer normally.
+async fn injected(
+    failure: Failure,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Response<Full<Bytes>>> {
+    match failure {
+        Failure::None => None,
+        Failure::Status(code) => {
+            let status = StatusCode::from_u16(code).expect("Failure::Status needs a valid status");
+            Some(clerk_error(
+                status,
+                "internal_clerk_error",
+                "Oops, an unexpected error occurred",
+                "There was an internal error on our servers. We've been notified and are working on fixing it.",
+            ))
+        }
+        Failure::Hang => {
+            // Answered only so the connection can close once the fake is dropped.
+            stopped(shutdown).await;
+            Some(clerk_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "fake Clerk stopped",
+                "The fake Clerk was dropped while this request hung.",
+            ))
+        }
+        Failure::Body(bytes) => Some(json_response(StatusCode::OK, Bytes::from(bytes))),
+        Failure::RetryAfter(seconds) => {
+            let mut response = clerk_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests",
+                "Too many requests, retry later.",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+            Some(response)
+        }
+    }
+}
+
 fn clerk_error(
     status: StatusCode,
     code: &str,
@@ -599,34 +609,8 @@ async fn session(
             state.sessions.get(sid).cloned(),
         )
     };
-    match failure {
-        Failure::None => {}
-        Failure::Status(code) => {
-            let status = StatusCode::from_u16(code).expect("valid status");
-            return clerk_error(status, "internal_clerk_error", "error", "injected failure");
-        }
-        Failure::Hang => {
-            stopped(shutdown).await;
-            return clerk_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "stopped",
-                "stopped",
-            );
-        }
-        Failure::Body(bytes) => return json_response(StatusCode::OK, Bytes::from(bytes)),
-        Failure::RetryAfter(seconds) => {
-            let mut response = clerk_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                "Too many requests",
-                "Too many requests, retry later.",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds));
-            return response;
-        }
+    if let Some(response) = injected(failure, shutdown).await {
+        return response;
     }
     let expected = format!("Bearer {}", shared.secret_key);
     if request
@@ -769,39 +753,8 @@ async fn api(
         () = stopped(shutdown) => {}
     }
 
-    match failure {
-        Failure::None => {}
-        Failure::Status(code) => {
-            let status = StatusCode::from_u16(code).expect("valid status");
-            return clerk_error(
-                status,
-                "internal_clerk_error",
-                "Oops, an unexpected error occurred",
-                "injected failure",
-            );
-        }
-        Failure::Hang => {
-            stopped(shutdown).await;
-            return clerk_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "stopped",
-                "stopped",
-            );
-        }
-        Failure::Body(bytes) => return json_response(StatusCode::OK, Bytes::from(bytes)),
-        Failure::RetryAfter(seconds) => {
-            let mut response = clerk_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                "Too many requests",
-                "Too many requests, retry later.",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds));
-            return response;
-        }
+    if let Some(response) = injected(failure, shutdown).await {
+        return response;
     }
     if !authorized {
         return clerk_error(
