@@ -4,6 +4,7 @@ mod operations;
 mod proxy_basics;
 mod security;
 mod sessions;
+#[path = "../support/mod.rs"]
 mod support;
 mod support_smoke;
 mod upstream_tls;
