@@ -15,7 +15,7 @@ mod support;
 
 mod headers;
 mod kit;
-// mod paths;
+mod paths;
 // mod protocol;
 mod tokens;
 // mod webhooks;
