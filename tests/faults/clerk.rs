@@ -1,0 +1,266 @@
+//! JWKS faults: Clerk refusing connections, hanging, failing, rate limiting, answering garbage,
+//! a 10 MB body, no keys, keys of the wrong type, and a rotation that drops a kid whose tokens
+//! are still unexpired. For each: what the proxy answers, what /readyz says, what /metrics
+//! shows, and that clerkgate recovers by itself once Clerk is back, both from a cold start (no
+//! keys yet) and on a warm instance (keys cached).
+//!
+//! `tests/it/keys.rs` already covers a cold start against 500s (with recovery), a warm instance
+//! through 500s, garbage and a hang (without recovery), a 10 KB body over a 1 KB cap, and empty
+//! or EC-only sets on a cold start (without recovery). This file covers the rest of the matrix.
+
+use serde_json::json;
+
+use std::sync::Arc;
+
+use clerkgate::dev::signing::jwks_json;
+
+use crate::common::{
+    Answer, WAIT, admin, get, metric, metrics_text, readyz, sample, start_unready, wait_ready,
+};
+use crate::fakes::{Door, Mode};
+use crate::support::{FakeClerk, Sidecar, Upstream, eventually};
+
+/// One JWKS fault and the `clerkgate_jwks_fetches_total` result it must be counted as.
+struct Case {
+    name: &'static str,
+    mode: Mode,
+    result: &'static str,
+}
+
+/// How many cases [`case`] knows.
+const CASES: usize = 8;
+
+/// Fault number `i` of the matrix. Bodies that need key material use the key `ins_fake_1`.
+fn case(clerk: &FakeClerk, i: usize) -> Case {
+    let body = |v: serde_json::Value| Mode::Body(Arc::new(v.to_string().into_bytes()));
+    let (name, mode, result) = match i {
+        0 => ("connection refused", Mode::Refuse, "network"),
+        1 => ("hanging", Mode::Hang, "timeout"),
+        2 => ("500", Mode::Status(500), "http_error"),
+        3 => ("429 with Retry-After", Mode::RetryAfter(1), "http_error"),
+        4 => (
+            "non-JSON body",
+            Mode::Body(Arc::new(b"<html>Bad gateway</html>".to_vec())),
+            "invalid",
+        ),
+        5 => {
+            // A real key set padded to 10 MB: only the size is wrong. Built by concatenation,
+            // since serialising 10 MB through serde_json in a debug build takes seconds.
+            let jwk = clerk.key("ins_fake_1").jwk().to_string();
+            let pad = "x".repeat(10 * 1024 * 1024);
+            let ten_mb = format!(r#"{{"keys":[{jwk}],"pad":"{pad}"}}"#).into_bytes();
+            ("10 MB body", Mode::Body(Arc::new(ten_mb)), "too_large")
+        }
+        6 => ("zero keys", body(json!({"keys": []})), "no_usable_keys"),
+        7 => {
+            let jwk = clerk.key("ins_fake_1").jwk();
+            let mut enc = jwk.clone();
+            enc["use"] = "enc".into();
+            let mut no_alg = jwk;
+            no_alg.as_object_mut().expect("a JWK object").remove("alg");
+            // An HMAC key under the very kid the tokens carry: algorithm confusion bait.
+            let oct = json!({"kty": "oct", "kid": "ins_fake_1", "alg": "HS256", "use": "sig", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"});
+            let ec = json!({"kty": "EC", "kid": "ins_fake_1", "alg": "ES256", "use": "sig", "crv": "P-256",
+                "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"});
+            (
+                "wrong key types",
+                body(json!({"keys": [enc, no_alg, oct, ec]})),
+                "no_usable_keys",
+            )
+        }
+        _ => panic!("no case {i}"),
+    };
+    Case { name, mode, result }
+}
+
+/// clerkgate's settings for these tests: refresh every `ttl_seconds` (backing off at most that
+/// long), 1 s fetch timeouts, every Clerk call through `door`.
+pub fn toml(door: &Door, ttl_seconds: u64) -> String {
+    format!(
+        "[clerk]\napi_url = \"{}\"\njwks_ttl_seconds = {ttl_seconds}\njwks_fetch_timeout_seconds = 1\n",
+        door.url()
+    )
+}
+
+/// A token for `sub` signed with `kid` (whatever key the fake currently mints with).
+pub fn token(clerk: &FakeClerk, kid: &str, sub: &str) -> String {
+    clerk.key(kid).mint(&clerk.claims(sub))
+}
+
+fn fetches(result: &str) -> String {
+    format!("clerkgate_jwks_fetches_total{{result=\"{result}\"}}")
+}
+
+const KEYS_GAUGE: &str = "clerkgate_jwks_keys";
+const READY_GAUGE: &str = "clerkgate_ready";
+const AGE_GAUGE: &str = "clerkgate_jwks_age_seconds";
+const KEYS_UNAVAILABLE: &str =
+    "clerkgate_auth_failures_total{reason=\"jwk-remote-failed-to-load\"}";
+const UNAVAILABLE: &str = "clerkgate_requests_total{outcome=\"unavailable\"}";
+const KID_MISMATCH: &str = "clerkgate_auth_failures_total{reason=\"jwk-kid-mismatch\"}";
+
+/// Runs `case_fn` for every case of the matrix concurrently, each with its own Clerk and
+/// clerkgate, and fails naming every case that failed.
+async fn for_every_case<'a, F, Fut>(clerk: &'a FakeClerk, case_fn: F)
+where
+    F: Fn(&'a FakeClerk, usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + 'a,
+{
+    use futures_util::FutureExt;
+    let runs = (0..CASES).map(|i| std::panic::AssertUnwindSafe(case_fn(clerk, i)).catch_unwind());
+    let failed: Vec<String> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let e = r.err()?;
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            Some(format!("case {i}: {why}"))
+        })
+        .collect();
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
+}
+
+async fn cold_case(clerk: &FakeClerk, i: usize) {
+    let Case { name, mode, result } = case(clerk, i);
+    let door = Door::open_to(&clerk.url).await;
+    let upstream = Upstream::start().await;
+    door.fail(mode).await;
+    let gate = start_unready(clerk, &upstream, &toml(&door, 2)).await;
+
+    assert!(
+        eventually(WAIT, async || metric(&gate, &fetches(result)).await >= 1.0).await,
+        "{name}: the first fetch is counted as {result}"
+    );
+    assert_eq!(
+        admin(&gate, "/readyz").await,
+        (503, "not ready: keys-unavailable\n".to_owned()),
+        "{name}"
+    );
+    let token = token(clerk, "ins_fake_1", "user_cold");
+    assert_eq!(
+        get(&gate, "/cold", &token).await,
+        Answer {
+            status: 503,
+            reason: "jwk-remote-failed-to-load".into(),
+            retry_after: Some("5".into()),
+        },
+        "{name}: no keys fails closed"
+    );
+    assert_eq!(upstream.count(), 0, "{name}: nothing forwarded");
+    let text = metrics_text(&gate).await;
+    for (series, value) in [
+        (KEYS_GAUGE.to_owned(), 0.0),
+        (READY_GAUGE.to_owned(), 0.0),
+        (KEYS_UNAVAILABLE.to_owned(), 1.0),
+        (UNAVAILABLE.to_owned(), 1.0),
+        (fetches("ok"), 0.0),
+    ] {
+        assert_eq!(
+            sample(&text, &series),
+            Some(value),
+            "{name}: {series} in\n{text}"
+        );
+    }
+
+    // Nobody pokes clerkgate: the background retry alone must bring it up.
+    door.heal().await;
+    assert!(
+        wait_ready(&gate).await,
+        "{name}: ready again without a restart"
+    );
+    assert_eq!(get(&gate, "/cold", &token).await.status, 200, "{name}");
+    assert_eq!(upstream.count(), 1, "{name}");
+    assert!(metric(&gate, &fetches("ok")).await >= 1.0, "{name}");
+    assert_eq!(metric(&gate, KEYS_GAUGE).await, 2.0, "{name}");
+    assert_eq!(metric(&gate, READY_GAUGE).await, 1.0, "{name}");
+    gate.stop().await;
+}
+
+/// Both matrices run against a fake Clerk publishing `ins_fake_1` and `ins_fake_2`.
+async fn clerk_with_two_keys() -> FakeClerk {
+    let clerk = FakeClerk::start().await;
+    assert_eq!(clerk.rotate(), "ins_fake_2");
+    clerk
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_start_under_each_jwks_fault_fails_closed_then_recovers_by_itself() {
+    let clerk = clerk_with_two_keys().await;
+    for_every_case(&clerk, cold_case).await;
+}
+
+async fn warm_case(clerk: &FakeClerk, i: usize) {
+    let Case { name, mode, result } = case(clerk, i);
+    let door = Door::open_to(&clerk.url).await;
+    let upstream = Upstream::start().await;
+    // Warm up with a set holding only the first key, so the recovery has news to load.
+    let first_only = jwks_json([&*clerk.key("ins_fake_1")]).into_bytes();
+    door.fail(Mode::Body(Arc::new(first_only))).await;
+    let gate = Sidecar::start(clerk, &upstream, &toml(&door, 1)).await;
+    let cached = token(clerk, "ins_fake_1", "user_cached");
+    assert_eq!(get(&gate, "/warm", &cached).await.status, 200, "{name}");
+    assert_eq!(metric(&gate, KEYS_GAUGE).await, 1.0, "{name}");
+
+    door.fail(mode).await;
+    let before = metric(&gate, &fetches(result)).await;
+    let mut fresh = 0;
+    let failed = eventually(WAIT, async || {
+        fresh += 1;
+        let token = token(clerk, "ins_fake_1", &format!("user_fresh_{fresh}"));
+        assert_eq!(
+            get(&gate, "/warm", &token).await.status,
+            200,
+            "{name}: a fresh token"
+        );
+        assert_eq!(
+            get(&gate, "/warm", &cached).await.status,
+            200,
+            "{name}: a cached token"
+        );
+        assert_eq!(readyz(&gate).await, 200, "{name}: still ready");
+        metric(&gate, &fetches(result)).await > before
+    })
+    .await;
+    assert!(failed, "{name}: a background refresh failed as {result}");
+    // The age gauge tells operators the keys are getting old.
+    assert!(
+        eventually(WAIT, async || metric(&gate, AGE_GAUGE).await >= 2.0).await,
+        "{name}: the key age grows during the outage"
+    );
+    assert_eq!(metric(&gate, KEYS_GAUGE).await, 1.0, "{name}");
+    assert_eq!(metric(&gate, READY_GAUGE).await, 1.0, "{name}");
+    assert_eq!(metric(&gate, UNAVAILABLE).await, 0.0, "{name}");
+
+    // Clerk comes back with a second key: the background refresh alone (no request asks for
+    // the new kid) loads it.
+    let ok_before = metric(&gate, &fetches("ok")).await;
+    door.heal().await;
+    assert!(
+        eventually(WAIT, async || {
+            metric(&gate, KEYS_GAUGE).await == 2.0
+                && metric(&gate, &fetches("ok")).await > ok_before
+        })
+        .await,
+        "{name}: refreshed by itself after the outage"
+    );
+    assert!(
+        metric(&gate, AGE_GAUGE).await <= 1.0,
+        "{name}: the age gauge restarts"
+    );
+    let second = token(clerk, "ins_fake_2", "user_second");
+    assert_eq!(get(&gate, "/warm", &second).await.status, 200, "{name}");
+    assert_eq!(metric(&gate, UNAVAILABLE).await, 0.0, "{name}");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instance_serves_through_each_jwks_fault_and_refreshes_by_itself_afterwards() {
+    let clerk = clerk_with_two_keys().await;
+    for_every_case(&clerk, warm_case).await;
+}
