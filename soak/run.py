@@ -1136,6 +1136,14 @@ def percentile(sorted_values, q):
     return sorted_values[i]
 
 
+def git_head():
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except Exception:
+        return "?"
+
+
 def loadavg():
     try:
         with open("/proc/loadavg") as f:
@@ -1438,12 +1446,24 @@ def run(args, duration, work, results, ring, fake, up, upstream_port, cg, proxy_
                   f"{panics} panics, {errors} errors")
 
     # -- report --------------------------------------------------------------------------
+    def hist_q(q):
+        buckets = sorted((float(dict(ls)["le"]), m1.get((n, ls), 0) - m0.get((n, ls), 0))
+                         for (n, ls) in m1 if n == "clerkgate_request_duration_seconds_bucket")
+        if not buckets or buckets[-1][1] == 0:
+            return "?"
+        for le, count in buckets:
+            if count >= q * buckets[-1][1]:
+                return f"{le * 1000:g} ms" if le != float("inf") else "inf"
+        return "?"
+
     cpu_used = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
     total = sum(sum(c.values()) for c in results.by_cat.values())
     out = []
     w = out.append
     w(f"## clerkgate soak: {elapsed / 60:.1f} min, {total} proxied requests "
       f"({total / elapsed:.0f}/s), {results.webhook_sent} webhooks\n")
+    w(f"Binary: {args.binary} (built {time.strftime('%Y-%m-%d %H:%M', time.localtime(os.path.getmtime(args.binary)))}), "
+      f"repo HEAD {git_head()}.\n")
     w(f"Machine: {os.cpu_count()} cores, load average at start {load_start}, during "
       f"{', '.join(loads) or '-'}; driver CPU {cpu_used:.0f} s. "
       f"Config: token TTL {args.token_ttl} s, rotation every {args.rotate_every:.0f} s, "
@@ -1472,6 +1492,9 @@ def run(args, duration, work, results, ring, fake, up, upstream_port, cg, proxy_
       "upstream)\n")
     w(f"n = {len(lat)}, p50 {p50:.1f} ms, p90 {p90:.1f} ms, p99 {p99:.1f} ms, "
       f"max {lat[-1] if lat else float('nan'):.1f} ms")
+    w(f"\nclerkgate's own view (clerkgate_request_duration_seconds, every request incl. "
+      f"refusals and webhooks, bucket upper bounds): p50 <= {hist_q(0.50)}, "
+      f"p99 <= {hist_q(0.99)}.")
     w("\n### RSS of clerkgate (VmRSS, sampled every 5 s)\n")
     w(f"idle before traffic {base_rss / 1024:.1f} MiB, max {max_rss / 1024:.1f} MiB, final "
       f"{(final_rss or 0) / 1024:.1f} MiB"
