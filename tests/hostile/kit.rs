@@ -83,11 +83,6 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
-
-    /// The echo upstream's JSON description of what it received.
-    pub fn echo(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
 }
 
 /// A fake Clerk, a recording upstream and clerkgate between them.
@@ -158,16 +153,6 @@ impl Env {
     /// closes it (the bytes must end the exchange, e.g. with `Connection: close`).
     pub async fn send(&self, bytes: &[u8]) -> Vec<Reply> {
         send_raw(self.gate.proxy, bytes).await
-    }
-
-    /// The paths the upstream received, oldest first.
-    pub fn upstream_paths(&self) -> Vec<String> {
-        self.upstream
-            .recorder
-            .all()
-            .iter()
-            .map(|r| r.uri.path().to_owned())
-            .collect()
     }
 
     pub async fn stop(self) {
@@ -365,6 +350,12 @@ impl PinnedKey {
 /// The payload segment, which clerkgate forwards as `X-Clerk-Claims`.
 pub fn payload_segment(token: &str) -> &str {
     token.split('.').nth(1).expect("a compact JWT")
+}
+
+/// Held by the tests that measure this process's RSS, so they do not measure each other.
+pub fn memory_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
 }
 
 /// `VmRSS` of this process in KiB.

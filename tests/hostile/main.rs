@@ -16,6 +16,6 @@ mod support;
 mod headers;
 mod kit;
 mod paths;
-// mod protocol;
+mod protocol;
 mod tokens;
-// mod webhooks;
+mod webhooks;

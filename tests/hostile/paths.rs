@@ -128,6 +128,9 @@ async fn more_spellings_cannot_carry_a_member_from_public_into_admin() {
     env.stop().await;
 }
 
+/// Header lines of a request.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 #[tokio::test]
 async fn absolute_form_targets_are_ruled_and_forwarded_by_their_path() {
     let env = Env::start(ROUTES).await;
@@ -137,7 +140,7 @@ async fn absolute_form_targets_are_ruled_and_forwarded_by_their_path() {
     let as_admin = [("Authorization", admin.as_str())];
     let role = Want::Refused(403, "org-role-mismatch");
     let missing = Want::Refused(401, "session-token-missing");
-    let cases: Vec<(&str, &str, &[(&str, &str)], Want)> = vec![
+    let cases: Vec<(&str, &str, Headers, Want)> = vec![
         (
             "member, other host",
             "http://other.example/admin/x",
