@@ -279,7 +279,11 @@ impl RawUpstream {
     }
 
     pub fn set(&self, behavior: Behavior) {
-        *self.behavior.lock().unwrap_or_else(PoisonError::into_inner) = behavior;
+        *lock(&self.behavior) = behavior;
+    }
+
+    pub fn behavior(&self) -> Behavior {
+        lock(&self.behavior).clone()
     }
 
     /// Stops calling `accept()`: once the backlog is full the kernel drops new SYNs.

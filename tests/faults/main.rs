@@ -7,3 +7,4 @@ mod support;
 mod clerk;
 mod common;
 mod fakes;
+mod upstream;
