@@ -144,21 +144,22 @@ impl InMemoryStore {
             sessions: bounded(max_entries, duration),
             users: bounded(max_entries, duration),
             statuses: bounded(max_entries, duration),
-            webhooks: moka::sync::Cache::builder()
-                .max_capacity(max_entries)
-                .time_to_live(webhook_retention)
-                .build(),
+            webhooks: bounded(max_entries, webhook_retention),
             any_denied: AtomicBool::new(false),
         }
     }
 }
 
+/// A bounded map that always admits a new entry and, when full, drops the least recently
+/// used one. moka's default TinyLFU policy would instead refuse a new key that is no more
+/// popular than those held: the newest revocation would be the one lost.
 fn bounded<V: Clone + Send + Sync + 'static>(
     max_entries: u64,
     ttl: Duration,
 ) -> moka::sync::Cache<String, V> {
     moka::sync::Cache::builder()
         .max_capacity(max_entries)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
         .time_to_live(ttl)
         .build()
 }
@@ -384,6 +385,38 @@ mod tests {
 
     fn store() -> InMemoryStore {
         InMemoryStore::new(Duration::from_secs(60), 100, Duration::from_secs(600))
+    }
+
+    #[test]
+    fn a_full_deny_list_keeps_the_newest_revocations() {
+        let s = InMemoryStore::new(Duration::from_secs(60), 20, Duration::from_secs(600));
+        let done = WebhookProgress {
+            applied: true,
+            delivered: true,
+        };
+        for i in 0..60 {
+            s.deny_session(&format!("sess_{i}"));
+            s.deny_user_before(&format!("user_{i}"), 5_000);
+            s.set_webhook_progress(&format!("msg_{i}"), done);
+            // Eviction runs in moka's maintenance; run it as a busy process would.
+            s.sessions.run_pending_tasks();
+            s.users.run_pending_tasks();
+            s.webhooks.run_pending_tasks();
+            let latest = identity("user_x", Some(&format!("sess_{i}")), Some(1));
+            assert_eq!(
+                s.check(&latest),
+                Err(Denied::Session),
+                "revocation {i} dropped"
+            );
+            let banned = identity(&format!("user_{i}"), None, Some(1));
+            assert_eq!(s.check(&banned), Err(Denied::User), "ban {i} dropped");
+            assert_eq!(
+                s.webhook_progress(&format!("msg_{i}")),
+                done,
+                "webhook id {i} forgotten"
+            );
+        }
+        assert!(s.denied_sessions() <= 20, "the bound holds");
     }
 
     #[test]

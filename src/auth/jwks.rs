@@ -247,6 +247,7 @@ impl KeyStore {
     ) -> Result<Self, KeyError> {
         let unknown_kids = moka::sync::Cache::builder()
             .max_capacity(10_000)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .time_to_live(settings.min_refresh_interval.max(Duration::from_secs(1)))
             .build();
         match &instance.key_source {

@@ -47,6 +47,9 @@ impl PerKey {
             length,
             windows: moka::sync::Cache::builder()
                 .max_capacity(max_keys)
+                // Always admit a new key: under TinyLFU a full map would refuse it, and every
+                // call would then start a fresh, never-exhausted window.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(length)
                 .build(),
         }
