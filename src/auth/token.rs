@@ -117,8 +117,11 @@ pub fn extract<'a>(
     let mut uat = None;
     let mut uat_suffixed = None;
     for value in headers.get_all(COOKIE) {
-        let Ok(value) = value.to_str() else { continue };
-        for pair in value.split(';') {
+        // Browsers send non-ASCII cookie values: one such pair must not hide the others.
+        for pair in value.as_bytes().split(|b| *b == b';') {
+            let Ok(pair) = std::str::from_utf8(pair) else {
+                continue;
+            };
             let Some((name, v)) = pair.trim().split_once('=') else {
                 continue;
             };
@@ -327,6 +330,20 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn a_non_ascii_cookie_pair_does_not_hide_the_session_cookie() {
+        let mut h = HeaderMap::new();
+        h.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"name=Ren\xc3\xa9e; __session=tok; bad=\xff; __client_uat=7")
+                .unwrap(),
+        );
+        let found = extract(&h, &CookieNames::new(None), true).unwrap().unwrap();
+        assert_eq!(found.token, "tok");
+        assert_eq!(found.carrier, Carrier::Cookie);
+        assert_eq!(found.client_uat, Some("7"));
     }
 
     #[test]

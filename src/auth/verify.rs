@@ -82,7 +82,8 @@ impl Verifier {
 
         let payload = &token.payload;
         let sub = match payload.get("sub") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            // The user id is sent upstream as X-User-Id: it must fit a header value whole.
+            Some(Value::String(s)) if !s.is_empty() && header_safe(s) => s.clone(),
             _ => return Err(AuthError::VerificationFailed),
         };
         if !self.authorized_parties.is_empty() {
@@ -127,10 +128,11 @@ impl Verifier {
         {
             return Err(AuthError::SessionPending);
         }
-        let sid = payload
-            .get("sid")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let sid = match payload.get("sid") {
+            Some(Value::String(sid)) if header_safe(sid) => Some(sid.clone()),
+            Some(Value::String(_)) => return Err(AuthError::VerificationFailed),
+            _ => None,
+        };
         Ok(VerifiedClaims {
             payload: payload.clone(),
             sub,
@@ -139,6 +141,12 @@ impl Verifier {
             exp_ms: exp_ms.clamp(0.0, u64::MAX as f64) as u64,
         })
     }
+}
+
+/// Clerk ids are printable ASCII; anything else (CR/LF, DEL, non-ASCII) could not be sent as
+/// the identity header and is refused rather than forwarded without it.
+fn header_safe(id: &str) -> bool {
+    id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// An optional numeric claim: absent is fine, present but not a number is a failure.
@@ -281,6 +289,30 @@ mod tests {
             (
                 "sub a number",
                 with(claims(), "sub", json!(5)),
+                NOW,
+                Err(AuthError::VerificationFailed),
+            ),
+            (
+                "sub with CR/LF",
+                with(claims(), "sub", json!("user_1\r\nX-Injected: 1")),
+                NOW,
+                Err(AuthError::VerificationFailed),
+            ),
+            (
+                "sub with DEL",
+                with(claims(), "sub", json!("user_1\u{7f}")),
+                NOW,
+                Err(AuthError::VerificationFailed),
+            ),
+            (
+                "sub with a space",
+                with(claims(), "sub", json!("user 1")),
+                NOW,
+                Err(AuthError::VerificationFailed),
+            ),
+            (
+                "sid with LF",
+                with(claims(), "sid", json!("sess_1\nx")),
                 NOW,
                 Err(AuthError::VerificationFailed),
             ),

@@ -115,35 +115,43 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Removes the token from the request: `Authorization` and the session cookies. Other cookies
-/// are kept byte for byte.
+/// are kept byte for byte, including values that are not ASCII.
 pub fn strip_token(headers: &mut HeaderMap, cookies: &CookieNames) {
     headers.remove(header::AUTHORIZATION);
     if !headers.contains_key(header::COOKIE) {
         return;
     }
-    let carries_token = headers.get_all(header::COOKIE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(';')
-                .filter_map(|p| p.trim().split_once('=').map(|(n, _)| n))
-                .any(|n| cookies.is_token_cookie(n))
-        })
-    });
+    let is_token = |pair: &[u8]| {
+        let pair = pair.trim_ascii();
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        std::str::from_utf8(name).is_ok_and(|n| cookies.is_token_cookie(n))
+    };
+    let carries_token = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|v| v.as_bytes().split(|b| *b == b';').any(is_token));
     if !carries_token {
         return;
     }
-    let kept: Vec<&str> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .filter(|p| !cookies.is_token_cookie(p.split_once('=').map_or(*p, |(n, _)| n)))
-        .collect();
-    let joined = kept.join("; ");
+    let mut joined: Vec<u8> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        for pair in value
+            .as_bytes()
+            .split(|b| *b == b';')
+            .map(<[u8]>::trim_ascii)
+        {
+            if pair.is_empty() || is_token(pair) {
+                continue;
+            }
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(pair);
+        }
+    }
     headers.remove(header::COOKIE);
     if !joined.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&joined)
+        && let Ok(v) = HeaderValue::from_bytes(&joined)
     {
         headers.insert(header::COOKIE, v);
     }
@@ -279,6 +287,23 @@ mod tests {
         let mut only = map(&[("cookie", "__session=t")]);
         strip_token(&mut only, &names);
         assert!(!only.contains_key("cookie"));
+    }
+
+    #[test]
+    fn token_cookies_next_to_non_ascii_values_are_removed_too() {
+        let names = CookieNames::new(None);
+        let mut h = HeaderMap::new();
+        h.append(
+            "cookie",
+            HeaderValue::from_bytes(b"name=Ren\xc3\xa9e; __session=t; __client_uat=1; raw=\xff")
+                .unwrap(),
+        );
+        strip_token(&mut h, &names);
+        assert_eq!(
+            h.get("cookie").unwrap().as_bytes(),
+            b"name=Ren\xc3\xa9e; raw=\xff",
+            "the token goes, the other bytes stay as they were"
+        );
     }
 
     #[test]
