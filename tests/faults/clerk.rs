@@ -429,7 +429,7 @@ async fn clerk_outage_with_cached_keys_causes_not_a_single_5xx_for_valid_tokens(
                 for n in 0..PER_WORKER {
                     tick.tick().await;
                     let i = w * PER_WORKER + n;
-                    let token = if i % 2 == 0 {
+                    let token = if i.is_multiple_of(2) {
                         &cached[i % cached.len()]
                     } else {
                         &fresh[i / 2]

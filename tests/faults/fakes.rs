@@ -48,6 +48,8 @@ pub struct Door {
     addr: SocketAddr,
     target: SocketAddr,
     state: Arc<Mutex<DoorState>>,
+    /// First request heads read, whatever the mode.
+    requests: Arc<AtomicUsize>,
 }
 
 impl Door {
@@ -66,9 +68,15 @@ impl Door {
                 prefix: "/".into(),
                 task: None,
             })),
+            requests: Arc::new(AtomicUsize::new(0)),
         };
         door.serve(listener);
         door
+    }
+
+    /// Connections whose first request head arrived (relayed, failed or hanging).
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -122,13 +130,19 @@ impl Door {
     fn serve(&self, listener: TcpListener) {
         let target = self.target;
         let state = self.state.clone();
+        let requests = self.requests.clone();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
-                connections.spawn(door_connection(inbound, target, state.clone()));
+                connections.spawn(door_connection(
+                    inbound,
+                    target,
+                    state.clone(),
+                    requests.clone(),
+                ));
                 // Reap finished connections so the set does not grow without bound.
                 while connections.try_join_next().is_some() {}
             }
@@ -149,7 +163,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-async fn door_connection(mut inbound: TcpStream, target: SocketAddr, state: Arc<Mutex<DoorState>>) {
+async fn door_connection(
+    mut inbound: TcpStream,
+    target: SocketAddr,
+    state: Arc<Mutex<DoorState>>,
+    requests: Arc<AtomicUsize>,
+) {
     // Read the first request head to learn its path.
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -159,6 +178,7 @@ async fn door_connection(mut inbound: TcpStream, target: SocketAddr, state: Arc<
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
+    requests.fetch_add(1, Ordering::SeqCst);
     let path = String::from_utf8_lossy(&head)
         .split(' ')
         .nth(1)
@@ -301,15 +321,6 @@ impl RawUpstream {
 
     pub fn requests(&self) -> usize {
         *self.requests.borrow()
-    }
-
-    /// Waits until at least `n` request heads arrived.
-    pub async fn wait_for_requests(&self, n: usize, timeout: Duration) -> bool {
-        let mut rx = self.requests.subscribe();
-        matches!(
-            tokio::time::timeout(timeout, rx.wait_for(|seen| *seen >= n)).await,
-            Ok(Ok(_))
-        )
     }
 }
 

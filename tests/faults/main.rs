@@ -6,5 +6,6 @@ mod support;
 
 mod clerk;
 mod common;
+mod drain;
 mod fakes;
 mod upstream;

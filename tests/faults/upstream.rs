@@ -220,10 +220,12 @@ async fn upstream_that_does_not_accept_is_answered_within_the_connect_timeout() 
     let counted = metric(&gate, &errors("connect")).await + metric(&gate, &errors("timeout")).await;
     assert_eq!(counted, 1.0);
     assert_eq!(raw.requests(), 0);
+    assert_eq!(raw.accepted(), 0, "the upstream accepted nothing");
 
     // The upstream starts accepting again: served without a restart.
     raw.resume_accepting();
     assert_healthy(&gate, &token, NORMAL_BODY, "not accepting").await;
+    assert!(raw.accepted() > fillers.len(), "the proxy's connection too");
     drop(fillers);
     gate.stop().await;
 }
