@@ -164,6 +164,32 @@ def status_kib(pids: list[int], key: str) -> int:
     return total
 
 
+def cpu_busy_seconds(cores: str) -> float:
+    """user + nice + system time of the listed CPUs since boot, from /proc/stat (irq and
+    softirq time, which loopback networking adds on behalf of everyone, is left out)."""
+    wanted = {f"cpu{c}" for c in cores.split(",")}
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name in wanted:
+                v = [int(x) for x in values]
+                total += v[0] + v[1] + v[2]
+    return total / CLK_TCK
+
+
+def idle_fraction(seconds: float = 2.0) -> float:
+    """Share of all CPUs that was idle over the next `seconds`."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return sum(v), v[3] + v[4]
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return (i1 - i0) / max(t1 - t0, 1)
+
+
 def threads(pid: int) -> int:
     return status_kib([pid], "Threads")
 
@@ -476,6 +502,11 @@ def machine_info() -> dict:
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src",
+                                "Cargo.toml", "Cargo.lock"], capture_output=True, text=True
+                               ).stdout.strip()
+        if dirty:
+            commit += " + uncommitted changes in src/"
     except OSError:
         commit = "?"
     return {
@@ -524,6 +555,12 @@ def build(args) -> dict[str, Path]:
     for name, path in paths.items():
         if not path.exists():
             die(f"{path} missing: build it (drop --no-build)")
+    # Snapshot the binaries: a colleague's `cargo build` must not swap them mid-run.
+    snap = args.workdir.resolve() / "bin"
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, path in paths.items():
+        shutil.copy2(path, snap / name)
+        paths[name] = snap / name
     return paths
 
 
@@ -647,6 +684,7 @@ class Measurement:
     upstream_cpu_per_100k: float
     peak_rss_mib: float | None
     threads: int | None
+    server_core_other_share: float = 0.0
     cache: dict = field(default_factory=dict)
 
 
@@ -663,11 +701,16 @@ def measure(ctx: Ctx, contender: Contender, scenario: str, rnd: int, upstream: P
         cache_before = Clerkgate.cache_counters(ctx) if contender.name == "clerkgate" else {}
         cpu0_proxy = cpu_seconds(proxy_pids)
         cpu0_up = cpu_seconds(upstream.pids)
+        core0 = cpu_busy_seconds(ctx.server_core)
         r = wrk(ctx, port, scenario, args.duration, args.connections,
                 tag=f"r{rnd} {contender.name}/{scenario}")
+        core1 = cpu_busy_seconds(ctx.server_core)
         cpu1_up = cpu_seconds(upstream.pids)
         proxy_pids = proc.pids if proc else []
         cpu1_proxy = cpu_seconds(proxy_pids)
+        # Busy time on the server core that neither the proxy nor the upstream accounts for:
+        # a neighbour (or the kernel's softirq work for loopback) running there.
+        foreign = (core1 - core0) - (cpu1_proxy - cpu0_proxy) - (cpu1_up - cpu0_up)
         cache = {}
         if contender.name == "clerkgate":
             after = Clerkgate.cache_counters(ctx)
@@ -684,6 +727,7 @@ def measure(ctx: Ctx, contender: Contender, scenario: str, rnd: int, upstream: P
             upstream_cpu_per_100k=(cpu1_up - cpu0_up) * per_100k,
             peak_rss_mib=status_kib(proxy_pids, "VmHWM") / 1024 if proc else None,
             threads=threads(proc.proc.pid) if proc else None,
+            server_core_other_share=max(foreign, 0.0) / (r["duration_us"] / 1e6),
             cache=cache,
         )
     finally:
@@ -744,9 +788,11 @@ def rss_check(ctx: Ctx) -> dict:
         # fill.lua stops its thread after FILL answers, but wrk's main thread sleeps for -d:
         # watch the miss counter and interrupt wrk (SIGINT makes it report and exit).
         misses = 0.0
+        samples = []  # (verified tokens so far, VmRSS KiB): the slope is the cost per entry
         while time.monotonic() - started < 590:
             time.sleep(0.5)
             misses = cg.cache_counters(ctx).get("clerkgate_token_cache_misses_total", 0.0)
+            samples.append((misses, status_kib([proc.proc.pid], "VmRSS")))
             if misses >= FILL or filler.poll() is not None:
                 break
         time.sleep(1.0)
@@ -763,8 +809,20 @@ def rss_check(ctx: Ctx) -> dict:
             "clerkgate_token_cache_hits_total", 0)
         misses2 = after.get("clerkgate_token_cache_misses_total", 0) - counters.get(
             "clerkgate_token_cache_misses_total", 0)
+        # Least-squares slope of RSS over cached entries, past the first 10% (connection
+        # buffers and allocator warm-up).
+        tail = [(m, k) for m, k in samples if m >= FILL / 10]
+        per_entry = None
+        if len(tail) >= 3:
+            mx = sum(m for m, _ in tail) / len(tail)
+            my = sum(k for _, k in tail) / len(tail)
+            var = sum((m - mx) ** 2 for m, _ in tail)
+            if var > 0:
+                per_entry = sum((m - mx) * (k - my) for m, k in tail) / var * 1024
         return {
             "tokens": FILL,
+            "bytes_per_entry": per_entry,
+            "samples": samples,
             "misses_during_fill": counters.get("clerkgate_token_cache_misses_total", 0),
             "fill_seconds": time.monotonic() - started,
             "idle_rss_mib": idle_kib / 1024,
@@ -804,7 +862,8 @@ def report(ctx: Ctx, info: dict, results: list[Measurement], baselines: list[flo
         f"{args.duration:g} s per measurement after {args.warmup:g} s warm-up, wrk "
         f"{args.threads} thread / {args.connections} connections on CPU {ctx.lg_core}; "
         f"proxy and upstream on CPU {ctx.server_core}. Medians over rounds.  ")
-    lines.append(f"Load average before / after: {loads['before']} / {loads['after']}."
+    lines.append(f"Machine idle at start: {loads['idle_at_start'] * 100:.0f}% (all CPUs, 2 s); "
+                 f"load average before / after: {loads['before']} / {loads['after']}."
                  + (f" Busy at start: {', '.join(loads['busy'])}." if loads["busy"] else ""))
     lines.append("")
     lines.append("| contender | scenario | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU s /100k "
@@ -827,6 +886,10 @@ def report(ctx: Ctx, info: dict, results: list[Measurement], baselines: list[flo
                     warnings.append(f"round {m.round} {m.contender}/{m.scenario}: "
                                     f"{m.non_2xx} non-2xx of {m.requests}, "
                                     f"{m.socket_errors} socket errors")
+                if m.server_core_other_share > 0.10:
+                    warnings.append(f"round {m.round} {m.contender}/{m.scenario}: "
+                                    f"{m.server_core_other_share * 100:.0f}% of CPU "
+                                    f"{ctx.server_core} went to other processes or the kernel")
             rps = [m.rps for m in ms]
             lines.append(
                 f"| {contender.label} | {scenario} | {fmt(median(rps))} "
@@ -932,7 +995,9 @@ def report(ctx: Ctx, info: dict, results: list[Measurement], baselines: list[flo
             f"{rss['fill_seconds']:.0f} s): RSS idle {rss['idle_rss_mib']:.1f} MiB, after the "
             f"fill {rss['rss_after_fill_mib']:.1f} MiB, peak (VmHWM) {rss['peak_rss_mib']:.1f} "
             f"MiB; a 3 s second pass over the same tokens hit the cache "
-            f"{rss['second_pass_hit_ratio'] * 100:.1f}% of the time.")
+            f"{rss['second_pass_hit_ratio'] * 100:.1f}% of the time."
+            + (f" RSS grew by about {rss['bytes_per_entry']:,.0f} bytes per cached token "
+               f"(slope over the fill)." if rss.get("bytes_per_entry") else ""))
         lines.append("")
     cache_notes = []
     for scenario in ("cached", "rotating", "cold", "cookie"):
@@ -982,6 +1047,8 @@ def main() -> None:
                    default=Path(tempfile.gettempdir()) / "clerkgate-bench")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     p.add_argument("--no-build", action="store_true", help="use the existing release builds")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="MINUTES",
+                   help="first wait up to MINUTES for the machine to be >= 90%% idle over 5 s")
     p.add_argument("--regen-tokens", action="store_true", help="mint a fresh key and tokens")
     p.add_argument("--nginx-bin", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--envoy-bin", default=None)
@@ -1065,7 +1132,16 @@ def main() -> None:
     if args.node:
         info["versions"]["node"] = subprocess.run([args.node_bin, "--version"],
                                                   capture_output=True, text=True).stdout.strip()
-    loads = {"before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "busy": busy_processes()}
+    if args.wait_quiet > 0:
+        deadline = time.monotonic() + args.wait_quiet * 60
+        while True:
+            idle = idle_fraction(5.0)
+            if idle >= 0.9 or time.monotonic() > deadline:
+                break
+            log(f"machine {idle * 100:.0f}% idle; waiting for >= 90% ...")
+            time.sleep(10)
+    loads = {"before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "busy": busy_processes(),
+             "idle_at_start": idle_fraction(2.0)}
     if loads["busy"]:
         log("WARNING: other processes are using CPU: " + ", ".join(loads["busy"]))
     est = len(order) * (args.duration + args.warmup + 1.5) * args.rounds
