@@ -19,7 +19,7 @@ use crate::common::{
     Answer, WAIT, admin, get, metric, metrics_text, readyz, sample, start_unready, wait_ready,
 };
 use crate::fakes::{Door, Mode};
-use crate::support::{FakeClerk, Sidecar, Upstream, eventually};
+use crate::support::{FakeClerk, Sidecar, SigningKey, Upstream, eventually};
 
 /// One JWKS fault and the `clerkgate_jwks_fetches_total` result it must be counted as.
 struct Case {
@@ -86,7 +86,8 @@ pub fn toml(door: &Door, ttl_seconds: u64) -> String {
 
 /// A token for `sub` signed with `kid` (whatever key the fake currently mints with).
 pub fn token(clerk: &FakeClerk, kid: &str, sub: &str) -> String {
-    clerk.key(kid).mint(&clerk.claims(sub))
+    let key: Arc<SigningKey> = clerk.key(kid);
+    key.mint(&clerk.claims(sub))
 }
 
 fn fetches(result: &str) -> String {

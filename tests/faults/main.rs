@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backend;
 mod clerk;
 mod common;
 mod drain;
