@@ -29,7 +29,7 @@ struct Case {
 }
 
 /// How many cases [`case`] knows.
-const CASES: usize = 8;
+const CASES: usize = 9;
 
 /// Fault number `i` of the matrix. Bodies that need key material use the key `ins_fake_1`.
 fn case(clerk: &FakeClerk, i: usize) -> Case {
@@ -68,6 +68,16 @@ fn case(clerk: &FakeClerk, i: usize) -> Case {
                 "wrong key types",
                 body(json!({"keys": [enc, no_alg, oct, ec]})),
                 "no_usable_keys",
+            )
+        }
+        8 => {
+            let jwk = clerk.key("ins_fake_1").jwk().to_string();
+            let pad = "x".repeat(10 * 1024 * 1024);
+            let ten_mb = format!(r#"{{"keys":[{jwk}],"pad":"{pad}"}}"#).into_bytes();
+            (
+                "10 MB chunked body without Content-Length",
+                Mode::Chunked(Arc::new(ten_mb)),
+                "too_large",
             )
         }
         _ => panic!("no case {i}"),

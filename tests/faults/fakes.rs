@@ -29,6 +29,9 @@ pub enum Mode {
     RetryAfter(u64),
     /// Answer `200` `application/json` with exactly these bytes.
     Body(Arc<Vec<u8>>),
+    /// The same, chunked in 64 KiB pieces and without a `Content-Length`, so only counting
+    /// the bytes as they arrive can enforce a cap.
+    Chunked(Arc<Vec<u8>>),
 }
 
 struct DoorState {
@@ -224,6 +227,22 @@ async fn door_connection(
             clerk_error,
         ),
         Mode::Body(bytes) => answer("200 OK", "", &bytes),
+        Mode::Chunked(bytes) => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if inbound.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for piece in bytes.chunks(64 * 1024) {
+                let mut chunk = format!("{:x}\r\n", piece.len()).into_bytes();
+                chunk.extend_from_slice(piece);
+                chunk.extend_from_slice(b"\r\n");
+                // The client hangs up once it has seen enough.
+                if inbound.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            b"0\r\n\r\n".to_vec()
+        }
     };
     // The client may hang up early (a body over its cap); that is its business.
     let _ = inbound.write_all(&response).await;
