@@ -97,14 +97,14 @@ fn outsider() -> &'static SigningKey {
 }
 
 /// clerkgate and its upstream, owned by one property.
-struct Gate {
-    clerk: Arc<FakeClerk>,
-    upstream: Upstream,
+pub struct Gate {
+    pub clerk: Arc<FakeClerk>,
+    pub upstream: Upstream,
     sidecar: Sidecar,
 }
 
 impl Gate {
-    fn start(extra: &str) -> Gate {
+    pub fn start(extra: &str) -> Gate {
         let clerk = clerk();
         runtime().block_on(async {
             let upstream = Upstream::start().await;
@@ -118,20 +118,33 @@ impl Gate {
     }
 
     /// One request, written as given; the status and body of the answer.
-    fn send(&self, target: &str, headers: &[(String, String)]) -> (u16, String) {
+    pub fn send(&self, target: &str, headers: &[(String, String)]) -> (u16, String) {
+        let lines: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone().into_bytes()))
+            .collect();
+        self.send_bytes(target, &lines)
+    }
+
+    /// [`Gate::send`] with header values as raw bytes (obs-text included).
+    pub fn send_bytes(&self, target: &str, headers: &[(String, Vec<u8>)]) -> (u16, String) {
         let mut request = format!(
             "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.sidecar.proxy
-        );
+        )
+        .into_bytes();
         for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
+            request.extend_from_slice(name.as_bytes());
+            request.extend_from_slice(b": ");
+            request.extend_from_slice(value);
+            request.extend_from_slice(b"\r\n");
         }
-        request.push_str("\r\n");
+        request.extend_from_slice(b"\r\n");
         let addr = self.sidecar.proxy;
         let response = runtime().block_on(async move {
             let exchange = async {
                 let mut stream = TcpStream::connect(addr).await?;
-                stream.write_all(request.as_bytes()).await?;
+                stream.write_all(&request).await?;
                 let mut response = Vec::new();
                 stream.read_to_end(&mut response).await?;
                 Ok::<_, std::io::Error>(response)
