@@ -2,7 +2,7 @@
 //! write with the crate's own stack, so that every contender (direct, clerkgate, nginx, Envoy,
 //! Node) forwards to the same backend and the backend's cost stays small and identical.
 //!
-//! Every request, whatever its method and path, is answered `200` with a fixed 16-byte JSON
+//! Every request, whatever its method and path, is answered `200` with a fixed 17-byte JSON
 //! body; the request body, if any, is drained. One current-thread runtime: the benchmark pins it
 //! to the same core as the proxy under test, where a second worker thread would only contend.
 //!
