@@ -289,6 +289,9 @@ impl App {
         if let Some(server) = local_api_server {
             left += server.await.unwrap_or(1);
         }
+        // A key fetch in flight (a hanging JWKS endpoint) must not hold the exit past the
+        // drain deadline; the refresher keeps no state worth finishing.
+        refresh.abort();
         let _ = refresh.await;
         if left > 0 {
             tracing::warn!("stopped with connections still open after the drain deadline");

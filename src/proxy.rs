@@ -31,7 +31,7 @@ use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
 
 /// The response body: the upstream's, streamed, or one of ours.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<forward::UpstreamBody, Full<Bytes>>;
 
 /// `[proxy]`: the listener, the upstream and the limits in between.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -505,7 +505,11 @@ impl Proxy {
             );
         }
         headers::strip_hop_by_hop(resp.headers_mut(), false);
-        (resp.map(Either::Left), outcome)
+        let errors = self.metrics.clone();
+        (
+            resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors))),
+            outcome,
+        )
     }
 
     /// The forward-auth answer: 200 with identity headers, or the refusal. The original

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -234,6 +234,9 @@ pub struct KeyStore {
     /// Bumped whenever a key disappears; verifications made under an older generation are
     /// no longer trusted from the token cache.
     generation: AtomicU64,
+    /// The latest fetch (background or kid-triggered) failed: an unknown kid then means "we
+    /// could not look", not "Clerk has no such key".
+    last_fetch_failed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -266,6 +269,7 @@ impl KeyStore {
                     }),
                     unknown_kids,
                     generation: AtomicU64::new(0),
+                    last_fetch_failed: AtomicBool::new(false),
                     metrics,
                 })
             }
@@ -290,6 +294,7 @@ impl KeyStore {
                     }),
                     unknown_kids,
                     generation: AtomicU64::new(0),
+                    last_fetch_failed: AtomicBool::new(false),
                     metrics,
                 })
             }
@@ -364,6 +369,11 @@ impl KeyStore {
         self.refetch_for(Some(kid)).await;
         match self.usable().and_then(|set| lookup(&set, Some(kid))) {
             Some(key) => Ok(key),
+            // Clerk may have published the key while its JWKS endpoint fails: an outage, not
+            // a bad token (and nothing is remembered about the kid).
+            None if self.last_fetch_failed.load(Ordering::Acquire) => {
+                Err(AuthError::KeysUnavailable)
+            }
             None => {
                 self.unknown_kids.insert(kid.to_owned(), ());
                 Err(AuthError::KidMismatch)
@@ -405,6 +415,7 @@ impl KeyStore {
     async fn fetch_and_store(&self, remote: &Remote) -> Result<(), FetchError> {
         match fetch(remote).await {
             Ok(set) => {
+                self.last_fetch_failed.store(false, Ordering::Release);
                 self.metrics.jwks_fetches.inc(JwksFetchResult::Ok);
                 self.metrics.jwks_keys.set(set.len() as i64);
                 tracing::debug!(keys = set.len(), "JWKS fetched");
@@ -424,6 +435,7 @@ impl KeyStore {
                 Ok(())
             }
             Err(e) => {
+                self.last_fetch_failed.store(true, Ordering::Release);
                 self.metrics.jwks_fetches.inc(e.result());
                 tracing::warn!(error = %e, url = %remote.url, "JWKS fetch failed; keeping the last good keys");
                 Err(e)

@@ -10,7 +10,14 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::telemetry::UpstreamErrorKind;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::telemetry::{Metrics, UpstreamErrorKind};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
@@ -70,16 +77,64 @@ fn private_roots(path: &str) -> std::io::Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// The upstream's response body, streamed to the client as it arrives. The head has been
+/// forwarded by then, so a break-off (a reset, a chunked body cut short) can only reach the
+/// client as a broken body; it is counted here as an upstream protocol error.
+pub struct UpstreamBody {
+    inner: Incoming,
+    metrics: Arc<Metrics>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            self.metrics
+                .upstream_errors
+                .inc(UpstreamErrorKind::Protocol);
+            tracing::debug!(error = %e, "upstream response broke off after the head");
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Sorts a client error into a closed kind.
 pub fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
     if e.is_connect() {
-        // A connect timeout surfaces as a connect error whose source mentions the timeout.
-        let text = format!("{e:?}");
-        if text.contains("Timeout") || text.contains("timed out") {
-            UpstreamErrorKind::Timeout
-        } else {
-            UpstreamErrorKind::Connect
+        // The connector's timeout surfaces as an io::Error of kind TimedOut somewhere in the
+        // source chain (its text is only `Elapsed(())`).
+        let mut source = std::error::Error::source(e);
+        while let Some(err) = source {
+            if err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                || err.is::<tokio::time::error::Elapsed>()
+            {
+                return UpstreamErrorKind::Timeout;
+            }
+            source = err.source();
         }
+        UpstreamErrorKind::Connect
     } else {
         UpstreamErrorKind::Protocol
     }
