@@ -75,10 +75,17 @@ impl CookieNames {
     /// `true` for the cookies that carry the token or its freshness marker: these are removed
     /// before forwarding unless the token is forwarded.
     pub fn is_token_cookie(&self, name: &str) -> bool {
-        name == self.session
-            || name == self.client_uat
-            || name.starts_with("__session_")
-            || name.starts_with("__client_uat_")
+        self.is_token_cookie_name(name.as_bytes())
+    }
+
+    /// [`Self::is_token_cookie`] on the raw bytes of a cookie name (which need not be UTF-8),
+    /// with surrounding whitespace ignored as cookie parsers do (`__session =t` is `__session`).
+    pub fn is_token_cookie_name(&self, name: &[u8]) -> bool {
+        let name = name.trim_ascii();
+        name == self.session.as_bytes()
+            || name == self.client_uat.as_bytes()
+            || name.starts_with(b"__session_")
+            || name.starts_with(b"__client_uat_")
     }
 }
 
@@ -125,6 +132,7 @@ pub fn extract<'a>(
             let Some((name, v)) = pair.trim().split_once('=') else {
                 continue;
             };
+            let name = name.trim_end();
             let v = v.trim().trim_matches('"');
             if v.is_empty() {
                 continue;

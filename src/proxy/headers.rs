@@ -122,9 +122,8 @@ pub fn strip_token(headers: &mut HeaderMap, cookies: &CookieNames) {
         return;
     }
     let is_token = |pair: &[u8]| {
-        let pair = pair.trim_ascii();
         let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
-        std::str::from_utf8(name).is_ok_and(|n| cookies.is_token_cookie(n))
+        cookies.is_token_cookie_name(name)
     };
     let carries_token = headers
         .get_all(header::COOKIE)
