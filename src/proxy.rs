@@ -201,6 +201,28 @@ pub struct UpstreamBase {
 }
 
 impl UpstreamBase {
+    /// The upstream URI for a proxied request. When the canonical path is the request's own
+    /// and there is no prefix, the request's path-and-query is reused as it is (a reference
+    /// count, not a copy and a re-parse).
+    pub fn for_request(
+        &self,
+        original: &Uri,
+        path: &path::NormalizedPath<'_>,
+    ) -> Result<Uri, http::Error> {
+        if let (std::borrow::Cow::Borrowed(_), true, Some(pq)) = (
+            &path.upstream,
+            self.prefix.is_empty(),
+            original.path_and_query(),
+        ) {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+            parts.path_and_query = Some(pq.clone());
+            return Ok(Uri::from_parts(parts)?);
+        }
+        self.uri(&path.upstream, original.query())
+    }
+
     pub fn uri(&self, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let pq = match query {
             Some(q) => format!("{}{path}?{q}", self.prefix),
@@ -309,7 +331,7 @@ impl Proxy {
         } else if self.is_forward_auth(req.uri().path()) {
             self.forward_auth(req).await
         } else {
-            self.proxy(req, conn).await
+            self.proxy(req, &conn).await
         };
         self.metrics.requests.inc(outcome);
         let elapsed = start.elapsed();
@@ -416,7 +438,7 @@ impl Proxy {
     async fn proxy(
         &self,
         req: Request<Incoming>,
-        conn: ConnInfo,
+        conn: &ConnInfo,
     ) -> (Response<ProxyBody>, Outcome) {
         let (mut parts, body) = req.into_parts();
         let normalized = match path::normalize(parts.uri.path(), self.encoded_slashes) {
@@ -432,7 +454,7 @@ impl Proxy {
             Decision::Reject(r) => return self.reject(r),
         };
 
-        let upstream_uri = match self.upstream.uri(&normalized.upstream, parts.uri.query()) {
+        let upstream_uri = match self.upstream.for_request(&parts.uri, &normalized) {
             Ok(uri) => uri,
             Err(_) => return self.reject(Rejection::Path(path::PathError::BadPercentEncoding)),
         };
@@ -450,7 +472,7 @@ impl Proxy {
         }
         headers::set_forwarded(
             h,
-            conn.peer.ip(),
+            &conn.peer_ip,
             conn.tls,
             host.clone(),
             self.trust_forwarded,

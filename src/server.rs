@@ -27,10 +27,20 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// What a handler knows about the connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's IP as header text (`X-Forwarded-For`), formatted once per connection.
+    pub peer_ip: http::HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = http::HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is header text");
+        Self { peer, tls, peer_ip }
+    }
 }
 
 /// Something that answers requests.
@@ -115,16 +125,14 @@ pub async fn serve<H: Handler>(
         let _ = tcp.set_nodelay(true);
         let handler = handler.clone();
         let builder = builder.clone();
-        let info = ConnInfo {
-            peer,
-            tls: tls.is_some(),
-        };
+        let info = ConnInfo::new(peer, tls.is_some());
         // Set by the first request: until then the connection lives on the header-read deadline.
         let started = Arc::new(AtomicBool::new(false));
         let first = started.clone();
         let service = hyper::service::service_fn(move |req| {
             first.store(true, Ordering::Relaxed);
             let handler = handler.clone();
+            let info = info.clone();
             async move { Ok::<_, Infallible>(handler.handle(req, info).await) }
         });
         let deadline = limits.header_read_timeout;

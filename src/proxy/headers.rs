@@ -9,8 +9,6 @@
 //! servers (CGI, nginx with `underscores_in_headers`, many frameworks) fold `X_User_Id` into the
 //! same variable as `X-User-Id`.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::auth::token::CookieNames;
@@ -78,6 +76,11 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes hop-by-hop headers, including those named in `Connection`. With `keep_upgrade`
 /// (a WebSocket handshake being forwarded) `Upgrade` and `Connection: upgrade` are kept.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most requests and responses carry none: one pass over the names (standard names compare
+    // as integers) instead of a hashed removal per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -165,17 +168,22 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// `Forwarded`, are replaced, since anyone can send them.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     https: bool,
     host: Option<HeaderValue>,
     trust: bool,
 ) {
-    let peer_text = peer.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if trust => format!("{prev}, {peer_text}"),
-        _ => peer_text,
+    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) if trust => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + peer.len());
+            joined.extend_from_slice(prev);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => Some(peer.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     if !trust || !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -307,11 +315,11 @@ mod tests {
 
     #[test]
     fn forwarded_headers_are_replaced_unless_trusted() {
-        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let ip = HeaderValue::from_static("10.0.0.9");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4")]);
         set_forwarded(
             &mut h,
-            ip,
+            &ip,
             false,
             Some(HeaderValue::from_static("app.example")),
             false,
@@ -324,7 +332,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, ip, false, None, true);
+        set_forwarded(&mut h, &ip, false, None, true);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }
