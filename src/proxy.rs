@@ -448,6 +448,12 @@ impl Proxy {
         if let Err(r) = self.strip_spoofed(&mut parts.headers) {
             return self.reject(r);
         }
+        // Two Host lines leave the upstream's virtual host to whichever it reads (RFC 9112
+        // section 3.2: a 400).
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return self.reject(Rejection::DuplicateHost);
+        }
         let route = self.policy.route(&normalized.matching);
         let identity = match self.decide(&parts.headers, &route).await {
             Decision::Allow(identity) => identity,
@@ -504,6 +510,10 @@ impl Proxy {
         let resp = match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await
         {
             Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if forward::is_client_body_error(&e) => {
+                tracing::debug!(error = ?e, "the client's request body broke off");
+                return self.reject(Rejection::ClientBody);
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = ?e, "upstream request failed");
                 return self.reject(Rejection::Upstream(forward::classify(&e)));

@@ -26,6 +26,10 @@ pub enum Rejection {
     /// The forward-auth endpoint could not tell which URI to authorize.
     ForwardAuthUri(ForwardAuthUriError),
     Upstream(UpstreamErrorKind),
+    /// More than one `Host` header (RFC 9112 section 3.2).
+    DuplicateHost,
+    /// The client's request body broke its own framing (an invalid chunk, a short body).
+    ClientBody,
     /// The proxy is shutting down and cannot start this request.
     Draining,
 }
@@ -56,9 +60,11 @@ impl Rejection {
                 | AuthError::UserRevoked => StatusCode::UNAUTHORIZED,
             },
             Self::Policy(_) => StatusCode::FORBIDDEN,
-            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Path(_)
+            | Self::SpoofedHeader
+            | Self::ForwardAuthUri(_)
+            | Self::DuplicateHost
+            | Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::Upstream(kind) => match kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamErrorKind::Connect
@@ -85,6 +91,8 @@ impl Rejection {
                 UpstreamErrorKind::Protocol => "upstream-protocol-error",
                 UpstreamErrorKind::Upgrade => "upstream-upgrade-failed",
             },
+            Self::DuplicateHost => "duplicate-host",
+            Self::ClientBody => "bad-request-body",
             Self::Draining => "shutting-down",
         }
     }
@@ -95,7 +103,11 @@ impl Rejection {
             | Self::Draining => Outcome::Unavailable,
             Self::Auth(_) => Outcome::Unauthorized,
             Self::Policy(_) => Outcome::Forbidden,
-            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) => Outcome::BadRequest,
+            Self::Path(_)
+            | Self::SpoofedHeader
+            | Self::ForwardAuthUri(_)
+            | Self::DuplicateHost
+            | Self::ClientBody => Outcome::BadRequest,
             Self::Upstream(_) => Outcome::UpstreamError,
         }
     }
@@ -152,7 +164,12 @@ impl Rejection {
                     ),
                 );
             }
-            Self::Path(_) | Self::SpoofedHeader | Self::ForwardAuthUri(_) | Self::Upstream(_) => {}
+            Self::Path(_)
+            | Self::SpoofedHeader
+            | Self::ForwardAuthUri(_)
+            | Self::DuplicateHost
+            | Self::ClientBody
+            | Self::Upstream(_) => {}
         }
         resp
     }

@@ -118,6 +118,24 @@ impl Body for UpstreamBody {
     }
 }
 
+/// Whether the exchange failed because the client's own request body failed (invalid chunked
+/// framing, a body shorter than its Content-Length): the client's fault, not the upstream's.
+pub fn is_client_body_error(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_user()
+        {
+            // hyper reports a failing request body as a user error (`User(Body)`) whose source
+            // is the inbound body's own hyper error: bad chunked framing, a short body, or the
+            // client going away mid-body.
+            return std::error::Error::source(h).is_some_and(|inner| inner.is::<hyper::Error>());
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// Sorts a client error into a closed kind.
 pub fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
     if e.is_connect() {

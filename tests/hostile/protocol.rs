@@ -207,10 +207,10 @@ async fn smuggled_requests_never_reach_the_upstream_as_requests() {
         );
         if statuses.is_empty() {
             // Broken chunked framing: the head may already have been forwarded (the body is
-            // streamed), but the client never gets a 2xx and nothing else is forwarded. (Today
-            // the answer is a 502, the upstream exchange having been cut off.)
+            // streamed), but the client never gets a 2xx and nothing else is forwarded. The
+            // answer is the client's 400, not an upstream 502.
             assert!(
-                got.iter().all(|s| *s >= 400) && got.len() <= 1,
+                got.iter().all(|s| *s == 400) && got.len() <= 1,
                 "{case}: {got:?}"
             );
             assert!(
@@ -557,7 +557,9 @@ async fn clients_that_never_read_do_not_stall_the_proxy_or_buffer_the_response()
     // Back-pressure, not buffering: 640 MiB were requested, far less may be held.
     let growth_mib = rss_kib().saturating_sub(before) / 1024;
     eprintln!("10 stalled 64 MiB downloads: RSS +{growth_mib} MiB");
-    assert!(growth_mib < 150, "RSS grew by {growth_mib} MiB");
+    // Half of what was requested: other tests in this process allocate alongside (the lock
+    // only keeps the two RSS tests apart), while buffering would show all 640 MiB.
+    assert!(growth_mib < 320, "RSS grew by {growth_mib} MiB");
     drop(stalled);
     env.stop().await;
 }
