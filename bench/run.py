@@ -1091,6 +1091,7 @@ def main() -> None:
     (work / "results").mkdir(parents=True, exist_ok=True)
 
     paths = build(args)
+    info = machine_info()  # now: the commit the binaries were just built from
     tok_dir, meta = tokens(work, paths["mint"], args.regen_tokens)
     if args.node:
         ensure_node(work, args)
@@ -1120,7 +1121,6 @@ def main() -> None:
     order = sorted(plan, key=lambda cs: (
         ["direct", *AUTH_SCENARIOS].index(cs[1]), contenders.index(cs[0])))
 
-    info = machine_info()
     info["versions"] = {}
     if args.nginx:
         info["versions"]["nginx"] = subprocess.run([args.nginx_bin, "-v"], capture_output=True,
@@ -1187,7 +1187,7 @@ def main() -> None:
 
     text = report(ctx, info, results, baselines, halves, rss, contenders, loads)
     if info["versions"]:
-        text += "Peer versions: " + "; ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n"
+        text += "\nPeer versions: " + "; ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".\n"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     md = work / "results" / f"{stamp}.md"
     md.write_text(text + "\n")
