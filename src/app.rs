@@ -111,7 +111,8 @@ impl App {
             verifier,
             keys.clone(),
             TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms),
-            IdentityBuilder::new(&config.headers),
+            IdentityBuilder::new(&config.headers)
+                .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
             metrics.clone(),
         ));
         let store: Arc<dyn SessionStore> = Arc::new(InMemoryStore::new(

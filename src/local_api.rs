@@ -245,8 +245,13 @@ fn may_have_happened(result: &Result<Answer, CallError>) -> bool {
     }
 }
 
-/// The normalised identity of a verified token, as `POST /v1/tokens/verify` returns it.
-pub fn identity_json(identity: &Identity) -> Value {
+/// The normalised identity of a verified token, as `POST /v1/tokens/verify` returns it. The
+/// claims are decoded from the token itself (the cached identity keeps them only when routes
+/// need them).
+pub fn identity_json(identity: &Identity, token: &str) -> Value {
+    let claims = crate::auth::token::parse(token)
+        .map(|parsed| Value::Object(parsed.payload))
+        .unwrap_or(Value::Null);
     json!({
         "object": "verified_token",
         "user_id": identity.user_id,
@@ -258,7 +263,7 @@ pub fn identity_json(identity: &Identity) -> Value {
             "permissions": o.permissions,
         })),
         "actor_id": identity.actor_id,
-        "claims": identity.claims,
+        "claims": claims,
     })
 }
 
@@ -594,7 +599,7 @@ impl LocalApi {
             Err(e) => return Reply::token_rejected(e),
         };
         match self.sessions.check(&identity).await {
-            Ok(()) => Reply::ok_json(&identity_json(&identity)),
+            Ok(()) => Reply::ok_json(&identity_json(&identity, token)),
             Err(e) => Reply::token_rejected(e),
         }
     }

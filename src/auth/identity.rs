@@ -151,6 +151,8 @@ pub struct Identity {
     pub actor_id: Option<String>,
     pub iat: Option<i64>,
     pub exp_ms: u64,
+    /// The decoded claims, for route claim requirements; empty unless a route has some (see
+    /// [`IdentityBuilder::keep_claims`]).
     pub claims: Map<String, Value>,
     /// Every identity header, ready to insert.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -192,6 +194,9 @@ pub struct IdentityBuilder {
     claims_header: Option<HeaderName>,
     claim_headers: Vec<(String, HeaderName)>,
     reserved: Vec<String>,
+    /// Keep the decoded claims in the identity (and so in the token cache): only needed when
+    /// some route has claim requirements, and the largest part of a cached entry otherwise.
+    keep_claims: bool,
 }
 
 fn header_name(name: &str) -> HeaderName {
@@ -241,7 +246,14 @@ impl IdentityBuilder {
                 .map(|(path, name)| (path.clone(), header_name(name)))
                 .collect(),
             reserved,
+            keep_claims: true,
         }
+    }
+
+    /// Whether identities keep their decoded claims (see [`Identity::claims`]).
+    pub fn keep_claims(mut self, keep: bool) -> Self {
+        self.keep_claims = keep;
+        self
     }
 
     /// Reserved names, normalised (lower-case, `_` as `-`). `x-clerk-*` is reserved as well.
@@ -295,7 +307,11 @@ impl IdentityBuilder {
             actor_id,
             iat: claims.iat,
             exp_ms: claims.exp_ms,
-            claims: claims.payload,
+            claims: if self.keep_claims {
+                claims.payload
+            } else {
+                Map::new()
+            },
             headers,
             key_generation: 0,
         }
