@@ -279,9 +279,14 @@ fn typical_request(token: &str) -> HeaderMap {
     h
 }
 
-fn insert_identity(h: &mut HeaderMap, identity: &Identity) {
+/// What the proxy inserts: the cached identity headers plus the claims header, built from the
+/// request's own token (`IdentityBuilder::claims_header`).
+fn insert_identity(h: &mut HeaderMap, identity: &Identity, builder: &IdentityBuilder, token: &str) {
     for (name, value) in &identity.headers {
         h.insert(name.clone(), value.clone());
+    }
+    if let Some((name, value)) = builder.claims_header(token) {
+        h.insert(name, value);
     }
 }
 
@@ -303,7 +308,7 @@ fn header_rewrite(c: &mut Criterion) {
         b.iter_batched(
             || request.clone(),
             |mut h| {
-                insert_identity(&mut h, &identity);
+                insert_identity(&mut h, &identity, &fx.auth.builder, &fx.warm);
                 h
             },
             BatchSize::SmallInput,
@@ -318,7 +323,7 @@ fn header_rewrite(c: &mut Criterion) {
                 headers::strip_hop_by_hop(&mut h, false);
                 headers::strip_token(&mut h, &cookies);
                 headers::set_forwarded(&mut h, &peer, false, host.clone(), false);
-                insert_identity(&mut h, &identity);
+                insert_identity(&mut h, &identity, &fx.auth.builder, &fx.warm);
                 h
             },
             BatchSize::SmallInput,

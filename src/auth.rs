@@ -209,7 +209,7 @@ impl Authenticator {
             .key_for(parsed.header.kid.as_deref(), may_refetch)
             .await?;
         let claims = self.verifier.verify(&parsed, &key, now_ms)?;
-        let mut identity = self.builder.build(claims, parsed.payload_segment());
+        let mut identity = self.builder.build(claims);
         identity.key_generation = generation;
         let identity = Arc::new(identity);
         self.cache.insert(cache_key, identity.clone());

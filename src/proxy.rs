@@ -261,8 +261,25 @@ pub struct Proxy {
 
 /// What the auth step decided.
 enum Decision {
-    Allow(Option<Arc<Identity>>),
+    Allow(Option<Allowed>),
     Reject(Rejection),
+}
+
+/// A verified request: the (cached) identity and the claims header of this very token.
+struct Allowed {
+    identity: Arc<Identity>,
+    claims: Option<(http::HeaderName, HeaderValue)>,
+}
+
+impl Allowed {
+    fn insert_headers(&self, h: &mut http::HeaderMap) {
+        for (name, value) in &self.identity.headers {
+            h.insert(name.clone(), value.clone());
+        }
+        if let Some((name, value)) = &self.claims {
+            h.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 impl Proxy {
@@ -430,7 +447,10 @@ impl Proxy {
             Err(e) => return Decision::Reject(Rejection::Auth(e)),
         };
         match route.authorize(&identity) {
-            Ok(()) => Decision::Allow(Some(identity)),
+            Ok(()) => Decision::Allow(Some(Allowed {
+                claims: self.auth.builder.claims_header(found.token),
+                identity,
+            })),
             Err(e) => Decision::Reject(Rejection::Policy(e)),
         }
     }
@@ -492,11 +512,9 @@ impl Proxy {
             }
         }
         let outcome = match &identity {
-            Some(identity) => {
-                for (name, value) in &identity.headers {
-                    h.insert(name.clone(), value.clone());
-                }
-                tracing::debug!(user = %identity.user_id, "authenticated");
+            Some(allowed) => {
+                allowed.insert_headers(h);
+                tracing::debug!(user = %allowed.identity.user_id, "authenticated");
                 Outcome::Forwarded
             }
             None => Outcome::Anonymous,
@@ -613,10 +631,8 @@ impl Proxy {
                 *resp.status_mut() = StatusCode::OK;
                 resp.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                if let Some(identity) = &identity {
-                    for (name, value) in &identity.headers {
-                        resp.headers_mut().insert(name.clone(), value.clone());
-                    }
+                if let Some(allowed) = &identity {
+                    allowed.insert_headers(resp.headers_mut());
                 }
                 (resp, Outcome::ForwardAuthAllowed)
             }

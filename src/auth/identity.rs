@@ -261,9 +261,19 @@ impl IdentityBuilder {
         &self.reserved
     }
 
-    /// Builds the identity for verified claims; `payload_segment` is the token's own base64url
-    /// payload, forwarded as the claims header without re-encoding.
-    pub fn build(&self, claims: VerifiedClaims, payload_segment: &str) -> Identity {
+    /// The claims header for a token that verified: its own base64url payload segment,
+    /// forwarded without re-encoding. Built per request from the token the client sent rather
+    /// than kept in the token cache, where it would be the largest part of every entry.
+    pub fn claims_header(&self, token: &str) -> Option<(HeaderName, HeaderValue)> {
+        let name = self.claims_header.as_ref()?;
+        let payload = token.split('.').nth(1)?;
+        let value = HeaderValue::from_str(payload).ok()?;
+        Some((name.clone(), value))
+    }
+
+    /// Builds the identity headers for verified claims (all but the claims header, see
+    /// [`Self::claims_header`]).
+    pub fn build(&self, claims: VerifiedClaims) -> Identity {
         let org = claims::org(&claims.payload);
         let actor_id = claims::actor_sub(&claims.payload).map(str::to_owned);
         let mut headers = Vec::with_capacity(8 + self.claim_headers.len());
@@ -291,9 +301,6 @@ impl IdentityBuilder {
         }
         if let Some(actor) = &actor_id {
             push(&self.actor_id, actor);
-        }
-        if let Some(name) = &self.claims_header {
-            push(name, payload_segment);
         }
         for (path, name) in &self.claim_headers {
             if let Some(value) = claim_at(&claims.payload, path) {
@@ -371,16 +378,13 @@ mod tests {
             .insert("public_metadata.tags".into(), "X-Tags".into());
         config.claims.insert("evil".into(), "X-Evil".into());
         let b = IdentityBuilder::new(&config);
-        let id = b.build(
-            verified(json!({
-                "sub": "user_1", "sid": "sess_1", "v": 2, "fea": "o:dashboard,o:teams",
-                "o": {"id": "org_1", "slg": "acme", "rol": "admin", "per": "manage,read", "fpm": "3,2"},
-                "act": {"sub": "user_admin"},
-                "public_metadata": {"plan": "pro", "tags": ["a", "b", 3]},
-                "evil": "x\r\nX-User-Id: user_2"
-            })),
-            "cGF5bG9hZA",
-        );
+        let id = b.build(verified(json!({
+            "sub": "user_1", "sid": "sess_1", "v": 2, "fea": "o:dashboard,o:teams",
+            "o": {"id": "org_1", "slg": "acme", "rol": "admin", "per": "manage,read", "fpm": "3,2"},
+            "act": {"sub": "user_admin"},
+            "public_metadata": {"plan": "pro", "tags": ["a", "b", 3]},
+            "evil": "x\r\nX-User-Id: user_2"
+        })));
         assert_eq!(header(&id, "x-user-id"), Some("user_1"));
         assert_eq!(header(&id, "x-session-id"), Some("sess_1"));
         assert_eq!(header(&id, "x-org-id"), Some("org_1"));
@@ -391,7 +395,14 @@ mod tests {
             Some("org:dashboard:manage,org:dashboard:read,org:teams:read")
         );
         assert_eq!(header(&id, "x-actor-id"), Some("user_admin"));
-        assert_eq!(header(&id, "x-clerk-claims"), Some("cGF5bG9hZA"));
+        assert_eq!(header(&id, "x-clerk-claims"), None, "set per request");
+        assert_eq!(
+            b.claims_header("aGVhZA.cGF5bG9hZA.c2ln"),
+            Some((
+                HeaderName::from_static("x-clerk-claims"),
+                HeaderValue::from_static("cGF5bG9hZA")
+            ))
+        );
         assert_eq!(header(&id, "x-plan"), Some("pro"));
         assert_eq!(header(&id, "x-tags"), Some("a,b,3"));
         assert_eq!(header(&id, "x-evil"), None, "CR/LF claims are dropped");
