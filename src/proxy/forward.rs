@@ -121,8 +121,7 @@ impl Body for UpstreamBody {
 /// Whether the exchange failed because the client's own request body failed (invalid chunked
 /// framing, a body shorter than its Content-Length): the client's fault, not the upstream's.
 pub fn is_client_body_error(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
+    for err in sources(e) {
         if let Some(h) = err.downcast_ref::<hyper::Error>()
             && h.is_user()
         {
@@ -131,9 +130,15 @@ pub fn is_client_body_error(e: &hyper_util::client::legacy::Error) -> bool {
             // client going away mid-body.
             return std::error::Error::source(h).is_some_and(|inner| inner.is::<hyper::Error>());
         }
-        source = err.source();
     }
     false
+}
+
+/// The error's source chain, outermost first (the error itself excluded).
+fn sources(
+    e: &hyper_util::client::legacy::Error,
+) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(e), |err| err.source())
 }
 
 /// Sorts a client error into a closed kind.
@@ -141,18 +146,16 @@ pub fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
     if e.is_connect() {
         // The connector's timeout surfaces as an io::Error of kind TimedOut somewhere in the
         // source chain (its text is only `Elapsed(())`).
-        let mut source = std::error::Error::source(e);
-        while let Some(err) = source {
-            if err
-                .downcast_ref::<std::io::Error>()
+        let timed_out = sources(e).any(|err| {
+            err.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
                 || err.is::<tokio::time::error::Elapsed>()
-            {
-                return UpstreamErrorKind::Timeout;
-            }
-            source = err.source();
+        });
+        if timed_out {
+            UpstreamErrorKind::Timeout
+        } else {
+            UpstreamErrorKind::Connect
         }
-        UpstreamErrorKind::Connect
     } else {
         UpstreamErrorKind::Protocol
     }
