@@ -276,7 +276,8 @@ impl App {
                 None
             }
         };
-        tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, "clerkgate listening");
+        let runtime_workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, runtime_workers, "clerkgate listening");
 
         shutdown.await;
         self.readiness.start_draining();

@@ -72,6 +72,10 @@ pub struct Config {
     pub tls_key_path: Option<String>,
     /// PEM file of CA certificates trusted for an https upstream instead of the system roots.
     pub upstream_ca_path: Option<String>,
+    /// Runtime worker threads: 0 = one per CPU the process may use (cgroup quota and affinity
+    /// respected); 1 = a single-threaded runtime, the cheapest per request for a sidecar
+    /// limited to one core.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -94,6 +98,7 @@ impl Default for Config {
             tls_cert_path: None,
             tls_key_path: None,
             upstream_ca_path: None,
+            worker_threads: 0,
         }
     }
 }
@@ -135,6 +140,12 @@ impl Config {
             return Err(ConfigError::new(
                 "proxy.max_header_bytes",
                 "must be at least 8192",
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(ConfigError::new(
+                "proxy.worker_threads",
+                "must be at most 1024 (0 = one per CPU)",
             ));
         }
         if self.max_connections == 0 {

@@ -351,18 +351,33 @@ async fn read_response(stream: &mut TcpStream) -> Result<(u16, bool), Ended> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_no_accepted_request_and_exits_0_in_time() {
+    // `worker_threads = 1` is the single-threaded runtime (the default on a one-core pod).
+    sigterm_under_load(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_with_a_multi_thread_runtime() {
+    sigterm_under_load(2).await;
+}
+
+async fn sigterm_under_load(workers: usize) {
     const DELAY: u64 = 1;
     const DRAIN: u64 = 5;
     let clerk = FakeClerk::start().await;
     let upstream = Upstream::start().await;
-    let mut gate = Running::start(&config_toml(
-        &clerk,
-        &clerk.url,
-        "",
-        &upstream.url(),
-        DELAY,
-        DRAIN,
-    ));
+    let toml = config_toml(&clerk, &clerk.url, "", &upstream.url(), DELAY, DRAIN).replacen(
+        "[proxy]\n",
+        &format!("[proxy]\nworker_threads = {workers}\n"),
+        1,
+    );
+    let mut gate = Running::start(&toml);
+    // The reader thread records the "listening" line just after reporting its addresses.
+    let wanted = format!("\"runtime_workers\":{workers}");
+    assert!(
+        eventually(WAIT, async || gate.log().contains(&wanted)).await,
+        "the runtime the configuration asked for; log:\n{}",
+        gate.log()
+    );
     assert!(
         eventually(WAIT, async || gate.readyz().await == Some(200)).await,
         "ready; log:\n{}",
