@@ -742,32 +742,58 @@ def rsa_baseline(ctx: Ctx) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["verifies_per_second"]
 
 
-def half_load(ctx: Ctx, peak_rps: float, rnd: int, upstream: Process) -> dict:
-    """p99 at half of clerkgate's peak (cached token), through clerkgate and direct.
-
-    wrk is closed-loop; wrk2 is not packaged. Each of C connections waits `pace` ms after every
-    response (wrk's delay() hook), so the offered rate is about C * 1000 / (pace + latency).
-    With pace >> latency that is a fixed, known load; the achieved rate is reported next to it.
-    """
+def paced_runs(ctx: Ctx, contenders: list[Contender], target: float, rnd: int, what: str
+               ) -> dict:
+    """One paced `cached` run per contender at `target` req/s offered (see half_load)."""
     pace = ctx.args.pace_ms
-    target = peak_rps / 2
     connections = max(1, round(target * pace / 1000))
     out = {"target_rps": target, "connections": connections, "pace_ms": pace}
-    cg = Clerkgate()
-    for name, contender in (("direct", Direct()), ("clerkgate", cg)):
+    for contender in contenders:
         proc = contender.start(ctx, "cached")
         try:
             port = contender.port(ctx)
             sanity(ctx, contender, port, "cached")
-            wrk(ctx, port, "cached", 1, 8, tag=f"half-load warmup r{rnd}")
+            wrk(ctx, port, "cached", 1, 8, tag=f"{what} warmup r{rnd} {contender.name}")
             r = wrk(ctx, port, "cached", ctx.args.duration, connections, pace_ms=pace,
-                    tag=f"half-load r{rnd} {name}")
+                    tag=f"{what} r{rnd} {contender.name}")
         finally:
             if proc:
                 proc.stop()
-        out[name] = {"rps": r["rps"], "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
-                     "p999_ms": r["p999_us"] / 1000, "non_2xx": r["status_errors"]}
+        out[contender.name] = {"rps": r["rps"], "p50_ms": r["p50_us"] / 1000,
+                               "p99_ms": r["p99_us"] / 1000, "p999_ms": r["p999_us"] / 1000,
+                               "non_2xx": r["status_errors"]}
+    return out
+
+
+def half_load(ctx: Ctx, peak_rps: float, rnd: int, upstream: Process,
+              nginx_peak_rps: float | None = None) -> dict:
+    """p99 at half of clerkgate's peak (cached token), through clerkgate and direct.
+
+    wrk is closed-loop; wrk2 is not packaged. Each of C connections waits a random pause after
+    every response (wrk's delay() hook, bench/wrk/fixed.lua), exponentially distributed with
+    mean `pace` ms, so the offered rate is about C * 1000 / (pace + latency). With pace >>
+    latency that is a fixed, known load, and the C independent connections add up to nearly a
+    Poisson arrival stream (a fixed pause would keep them in step and send bursts of C); the
+    achieved rate is reported next to it.
+
+    With nginx among the contenders (--nginx), nginx runs at the same offered rate and
+    connections too: the p99 a plain C reverse proxy adds at that load, a floor to read
+    clerkgate's against (informational, not a target). If that round's nginx `cached` peak is
+    known, direct and nginx also run at half of nginx's own peak (`nginx_own_half`).
+    """
+    target = peak_rps / 2
+    with_nginx = ctx.args.nginx
+    contenders: list[Contender] = [Direct(), Clerkgate()] + ([Nginx()] if with_nginx else [])
+    out = paced_runs(ctx, contenders, target, rnd, "half-load")
     out["p99_added_ms"] = out["clerkgate"]["p99_ms"] - out["direct"]["p99_ms"]
+    if with_nginx:
+        out["nginx_p99_added_ms"] = out["nginx"]["p99_ms"] - out["direct"]["p99_ms"]
+        if nginx_peak_rps:
+            own = paced_runs(ctx, [Direct(), Nginx()], nginx_peak_rps / 2, rnd,
+                             "half-load nginx-own")
+            own["peak_rps"] = nginx_peak_rps
+            own["p99_added_ms"] = own["nginx"]["p99_ms"] - own["direct"]["p99_ms"]
+            out["nginx_own_half"] = own
     return out
 
 
@@ -977,16 +1003,45 @@ def report(ctx: Ctx, info: dict, results: list[Measurement], baselines: list[flo
     if halves:
         h0 = halves[-1]
         lines.append(
-            "Half of peak: wrk with {c} connections each pausing {p} ms between requests "
-            "(offered ≈ {t:,.0f} req/s = half of that round's clerkgate cached peak). Medians: "
-            "direct {dr:,.0f} req/s p99 {dp:.3f} ms; clerkgate {cr:,.0f} req/s p99 {cp:.3f} ms "
-            "(p99.9 {cq:.3f} ms).".format(
+            "Half of peak: wrk with {c} connections each pausing a random, exponentially "
+            "distributed time with mean {p} ms between requests (so arrivals are close to a "
+            "Poisson stream, not synchronised bursts; offered ≈ {t:,.0f} req/s = half of that "
+            "round's clerkgate cached peak). Medians: direct {dr:,.0f} req/s p99 {dp:.3f} ms; "
+            "clerkgate {cr:,.0f} req/s p99 {cp:.3f} ms (p99.9 {cq:.3f} ms), added {ca:.3f} ms."
+            .format(
                 c=h0["connections"], p=h0["pace_ms"], t=median([h["target_rps"] for h in halves]),
                 dr=median([h["direct"]["rps"] for h in halves]),
                 dp=median([h["direct"]["p99_ms"] for h in halves]),
                 cr=median([h["clerkgate"]["rps"] for h in halves]),
                 cp=median([h["clerkgate"]["p99_ms"] for h in halves]),
-                cq=median([h["clerkgate"]["p999_ms"] for h in halves])))
+                cq=median([h["clerkgate"]["p999_ms"] for h in halves]),
+                ca=median([h["p99_added_ms"] for h in halves])))
+        with_nginx = [h for h in halves if "nginx" in h]
+        if with_nginx:
+            lines.append("")
+            lines.append(
+                "Floor, same offered rate and connections (informational, not a target): nginx "
+                "{nr:,.0f} req/s p99 {np:.3f} ms (p99.9 {nq:.3f} ms), added {na:.3f} ms over "
+                "direct (rounds: {per}).".format(
+                    nr=median([h["nginx"]["rps"] for h in with_nginx]),
+                    np=median([h["nginx"]["p99_ms"] for h in with_nginx]),
+                    nq=median([h["nginx"]["p999_ms"] for h in with_nginx]),
+                    na=median([h["nginx_p99_added_ms"] for h in with_nginx]),
+                    per=", ".join(f"{h['nginx_p99_added_ms']:.3f}" for h in with_nginx)))
+        own = [h["nginx_own_half"] for h in halves if "nginx_own_half" in h]
+        if own:
+            lines.append("")
+            lines.append(
+                "nginx at half of its own cached peak ({c} connections, offered ≈ {t:,.0f} "
+                "req/s, informational): direct {dr:,.0f} req/s p99 {dp:.3f} ms; nginx {nr:,.0f} "
+                "req/s p99 {np:.3f} ms, added {na:.3f} ms (rounds: {per}).".format(
+                    c=own[-1]["connections"], t=median([o["target_rps"] for o in own]),
+                    dr=median([o["direct"]["rps"] for o in own]),
+                    dp=median([o["direct"]["p99_ms"] for o in own]),
+                    nr=median([o["nginx"]["rps"] for o in own]),
+                    np=median([o["nginx"]["p99_ms"] for o in own]),
+                    na=median([o["p99_added_ms"] for o in own]),
+                    per=", ".join(f"{o['p99_added_ms']:.3f}" for o in own)))
         lines.append("")
     if rss:
         lines.append(
@@ -1037,7 +1092,8 @@ def main() -> None:
     p.add_argument("--no-half-load", action="store_true", help="skip the half-of-peak p99 runs")
     p.add_argument("--no-rss", action="store_true", help="skip the 100k-cached-tokens RSS check")
     p.add_argument("--pace-ms", type=int, default=10,
-                   help="half-load: pause per connection between requests (10)")
+                   help="half-load: mean of the exponentially distributed pause per connection "
+                        "between requests (10)")
     p.add_argument("--rsa-seconds", type=float, default=3, help="RSA baseline seconds (3)")
     p.add_argument("--lg-core", default="0", help="CPU list for wrk (0)")
     p.add_argument("--server-core", default="1", help="CPU list for proxy + upstream (1)")
@@ -1146,7 +1202,9 @@ def main() -> None:
         log("WARNING: other processes are using CPU: " + ", ".join(loads["busy"]))
     est = len(order) * (args.duration + args.warmup + 1.5) * args.rounds
     if not args.no_half_load:
-        est += args.rounds * 2 * (args.duration + 2)
+        # direct + clerkgate; with nginx, nginx at that rate and direct + nginx at nginx's half.
+        paced = 2 + (3 if args.nginx and "cached" in scenarios else 0)
+        est += args.rounds * paced * (args.duration + 2)
     log(f"{len(order)} runs per round × {args.rounds} rounds, about {est / 60:.0f} min; "
         f"logs in {logs}")
 
@@ -1172,11 +1230,22 @@ def main() -> None:
                 peak = next(m.rps for m in results
                             if m.round == rnd and m.contender == "clerkgate"
                             and m.scenario == "cached")
-                h = half_load(ctx, peak, rnd, upstream)
+                nginx_peak = next((m.rps for m in results
+                                   if m.round == rnd and m.contender == "nginx"
+                                   and m.scenario == "cached"), None)
+                h = half_load(ctx, peak, rnd, upstream, nginx_peak)
                 halves.append(h)
                 log(f"round {rnd} half load ({h['target_rps']:,.0f} req/s offered): direct p99 "
                     f"{h['direct']['p99_ms']:.3f} ms, clerkgate p99 {h['clerkgate']['p99_ms']:.3f}"
                     f" ms, added {h['p99_added_ms']:.3f} ms")
+                if "nginx" in h:
+                    log(f"round {rnd} half load, same offered rate: nginx p99 "
+                        f"{h['nginx']['p99_ms']:.3f} ms, added {h['nginx_p99_added_ms']:.3f} ms")
+                if "nginx_own_half" in h:
+                    o = h["nginx_own_half"]
+                    log(f"round {rnd} half of nginx's peak ({o['target_rps']:,.0f} req/s "
+                        f"offered): direct p99 {o['direct']['p99_ms']:.3f} ms, nginx p99 "
+                        f"{o['nginx']['p99_ms']:.3f} ms, added {o['p99_added_ms']:.3f} ms")
         if not args.no_rss:
             log(f"RSS check: filling the cache with {FILL:,} tokens ...")
             rss = rss_check(ctx)
