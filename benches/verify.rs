@@ -149,7 +149,7 @@ fn build_fixture() -> Fixture {
     let identity = rt
         .block_on(auth.authenticate(&warm, now_ms))
         .expect("warm token authenticates");
-    assert!(identity.org.is_some(), "bench tokens carry an active org");
+    assert!(identity.org().is_some(), "bench tokens carry an active org");
 
     Fixture {
         key,
@@ -282,9 +282,7 @@ fn typical_request(token: &str) -> HeaderMap {
 /// What the proxy inserts: the cached identity headers plus the claims header, built from the
 /// request's own token (`IdentityBuilder::claims_header`).
 fn insert_identity(h: &mut HeaderMap, identity: &Identity, builder: &IdentityBuilder, token: &str) {
-    for (name, value) in &identity.headers {
-        h.insert(name.clone(), value.clone());
-    }
+    identity.insert_headers(builder, h);
     if let Some((name, value)) = builder.claims_header(token) {
         h.insert(name, value);
     }

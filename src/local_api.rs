@@ -254,15 +254,15 @@ pub fn identity_json(identity: &Identity, token: &str) -> Value {
         .unwrap_or(Value::Null);
     json!({
         "object": "verified_token",
-        "user_id": identity.user_id,
-        "session_id": identity.session_id,
-        "org": identity.org.as_ref().map(|o| json!({
+        "user_id": identity.user_id(),
+        "session_id": identity.session_id(),
+        "org": identity.org().map(|o| json!({
             "id": o.id,
             "slug": o.slug,
             "role": o.role,
-            "permissions": o.permissions,
+            "permissions": o.permissions().collect::<Vec<_>>(),
         })),
-        "actor_id": identity.actor_id,
+        "actor_id": identity.actor_id(),
         "claims": claims,
     })
 }

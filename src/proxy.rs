@@ -21,9 +21,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::identity::{Identity, IdentityBuilder};
 use crate::auth::policy::{AuthMode, Policy, RouteMatch};
 use crate::auth::token::{self, Carrier, CookieNames};
-use crate::auth::{AuthError, Authenticator, SpoofPolicy, identity::Identity, now_ms};
+use crate::auth::{AuthError, Authenticator, SpoofPolicy, now_ms};
 use crate::config::ConfigError;
 use crate::rejection::Rejection;
 use crate::server::ConnInfo;
@@ -283,10 +284,8 @@ struct Allowed {
 }
 
 impl Allowed {
-    fn insert_headers(&self, h: &mut http::HeaderMap) {
-        for (name, value) in &self.identity.headers {
-            h.insert(name.clone(), value.clone());
-        }
+    fn insert_headers(&self, builder: &IdentityBuilder, h: &mut http::HeaderMap) {
+        self.identity.insert_headers(builder, h);
         if let Some((name, value)) = &self.claims {
             h.insert(name.clone(), value.clone());
         }
@@ -524,8 +523,8 @@ impl Proxy {
         }
         let outcome = match &identity {
             Some(allowed) => {
-                allowed.insert_headers(h);
-                tracing::debug!(user = %allowed.identity.user_id, "authenticated");
+                allowed.insert_headers(&self.auth.builder, h);
+                tracing::debug!(user = %allowed.identity.user_id(), "authenticated");
                 Outcome::Forwarded
             }
             None => Outcome::Anonymous,
@@ -643,7 +642,7 @@ impl Proxy {
                 resp.headers_mut()
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(resp.headers_mut());
+                    allowed.insert_headers(&self.auth.builder, resp.headers_mut());
                 }
                 (resp, Outcome::ForwardAuthAllowed)
             }

@@ -184,12 +184,12 @@ impl SessionStore for InMemoryStore {
         if !self.any_denied.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(sid) = &identity.session_id
+        if let Some(sid) = identity.session_id()
             && self.sessions.contains_key(sid)
         {
             return Err(Denied::Session);
         }
-        if let Some(cutoff_ms) = self.users.get(&identity.user_id) {
+        if let Some(cutoff_ms) = self.users.get(identity.user_id()) {
             // Tokens issued at or after the cut-off (a new sign-in after an unban) pass; no
             // `iat` means we cannot tell, so deny.
             let issued_ms = identity.iat.map(|s| (s.max(0) as u64).saturating_mul(1000));
@@ -311,7 +311,7 @@ impl Guard {
                 return Err(AuthError::UserRevoked);
             }
         }
-        let (CheckMode::Api, Some(api), Some(sid)) = (self.mode, &self.api, &identity.session_id)
+        let (CheckMode::Api, Some(api), Some(sid)) = (self.mode, &self.api, identity.session_id())
         else {
             return Ok(());
         };
@@ -319,7 +319,7 @@ impl Guard {
             Some(status) => Ok(status),
             None => {
                 let api = api.clone();
-                let id = sid.clone();
+                let id = sid.to_owned();
                 let fetch = async move {
                     api.get_session(&id)
                         .await
@@ -332,7 +332,7 @@ impl Guard {
                 };
                 match tokio::time::timeout(
                     self.timeout,
-                    self.statuses.try_get_with(sid.clone(), fetch),
+                    self.statuses.try_get_with(sid.to_owned(), fetch),
                 )
                 .await
                 {
@@ -368,19 +368,15 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::identity::IdentityParts;
 
     fn identity(sub: &str, sid: Option<&str>, iat: Option<i64>) -> Identity {
-        Identity {
-            user_id: sub.into(),
-            session_id: sid.map(Into::into),
-            org: None,
-            actor_id: None,
+        Identity::new(IdentityParts {
+            user_id: sub,
+            session_id: sid,
             iat,
-            exp_ms: 0,
-            claims: Default::default(),
-            headers: vec![],
-            key_generation: 0,
-        }
+            ..IdentityParts::default()
+        })
     }
 
     fn store() -> InMemoryStore {

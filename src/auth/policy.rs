@@ -181,22 +181,18 @@ impl Route {
         let needs_org =
             self.org_role.is_some() || !self.org_permissions.is_empty() || self.org_id.is_some();
         if needs_org {
-            let org = identity.org.as_ref().ok_or(PolicyError::NoActiveOrg)?;
+            let org = identity.org().ok_or(PolicyError::NoActiveOrg)?;
             if let Some(id) = &self.org_id
-                && &org.id != id
+                && org.id != id
             {
                 return Err(PolicyError::OrgId);
             }
             if let Some(role) = &self.org_role
-                && org.role.as_ref() != Some(role)
+                && org.role != Some(role.as_str())
             {
                 return Err(PolicyError::OrgRole);
             }
-            if !self
-                .org_permissions
-                .iter()
-                .all(|p| org.permissions.contains(p))
-            {
+            if !self.org_permissions.iter().all(|p| org.has_permission(p)) {
                 return Err(PolicyError::OrgPermission);
             }
         }
@@ -293,6 +289,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::identity::IdentityParts;
     use crate::clerk::claims::Org;
     use serde_json::{Map, json};
 
@@ -305,17 +302,12 @@ mod tests {
     }
 
     fn identity(org: Option<Org>, claims: serde_json::Value) -> Identity {
-        Identity {
-            user_id: "user_1".into(),
-            session_id: None,
-            org,
-            actor_id: None,
-            iat: None,
-            exp_ms: 0,
-            claims: claims.as_object().cloned().unwrap_or_else(Map::new),
-            headers: vec![],
-            key_generation: 0,
-        }
+        Identity::new(IdentityParts {
+            user_id: "user_1",
+            org: org.as_ref(),
+            claims: Some(claims.as_object().cloned().unwrap_or_else(Map::new)),
+            ..IdentityParts::default()
+        })
     }
 
     #[test]
