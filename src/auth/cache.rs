@@ -2,45 +2,148 @@
 //! JSON parse.
 //!
 //! Keyed by SHA-256 of the whole token (a collision would hand one token's identity to another,
-//! so the hash must be collision resistant), bounded by `auth.token_cache_capacity`, each entry
-//! expiring at its token's `exp` plus the clock skew. The caller still re-checks expiry on every
-//! hit because eviction is lazy, and session deny-lists are consulted after the cache.
+//! so the hash must be collision resistant, and the whole digest is compared), bounded by
+//! `auth.token_cache_capacity`. An entry lives until its token's `exp` plus the clock skew; the
+//! caller re-checks that on every hit, and expired entries are the first to be reused.
+//!
+//! Built for memory and for the hit path rather than taken from a general-purpose cache: 100k
+//! cached tokens should cost a few MiB beyond the identities themselves. The cache is split into
+//! shards by digest byte, each a `Mutex` held for one table probe. A shard is a slab of slots
+//! (digest, identity, deadline, reference bit) plus a hash table of slot indices (4 bytes
+//! each), hashed by the digest's first eight bytes, which SHA-256 has already made uniform.
+//! When a shard is full, CLOCK (second chance) picks the victim: an expired slot, or the first
+//! slot not hit since the hand last passed it, approximating least-recently-used without
+//! reordering anything on a hit.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hashbrown::HashTable;
 
 use super::identity::Identity;
 
 pub type CacheKey = [u8; 32];
 
-struct ExpireAtTokenExp {
-    skew_ms: u64,
+/// At most this many shards; fewer for small capacities so that every shard holds some.
+const MAX_SHARDS: usize = 64;
+/// Entries per shard below which fewer shards are used.
+const MIN_PER_SHARD: u64 = 256;
+
+struct Slot {
+    key: CacheKey,
+    identity: Option<Arc<Identity>>,
+    /// `exp` plus skew, in Unix milliseconds.
+    until_ms: u64,
+    /// Hit since the clock hand last passed.
+    referenced: bool,
 }
 
-impl moka::Expiry<CacheKey, Arc<Identity>> for ExpireAtTokenExp {
-    fn expire_after_create(
-        &self,
-        _: &CacheKey,
-        value: &Arc<Identity>,
-        _: Instant,
-    ) -> Option<Duration> {
-        let until = value.exp_ms.saturating_add(self.skew_ms);
-        Some(Duration::from_millis(until.saturating_sub(super::now_ms())))
+struct Shard {
+    /// Slot indices, hashed by [`hash`] of the slot's key.
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    /// Emptied slots (invalidated), reused before the clock runs.
+    free: Vec<u32>,
+    hand: usize,
+    capacity: usize,
+}
+
+fn hash(key: &CacheKey) -> u64 {
+    u64::from_le_bytes([
+        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+    ])
+}
+
+impl Shard {
+    fn new(capacity: usize) -> Self {
+        Self {
+            // Sized once: no rehashing while traffic fills the cache.
+            table: HashTable::with_capacity(capacity),
+            slots: Vec::new(),
+            free: Vec::new(),
+            hand: 0,
+            capacity,
+        }
+    }
+
+    fn find(&self, key: &CacheKey) -> Option<usize> {
+        let slots = &self.slots;
+        self.table
+            .find(hash(key), |&i| slots[i as usize].key == *key)
+            .map(|&i| i as usize)
+    }
+
+    fn remove_from_table(&mut self, index: usize) {
+        let key = self.slots[index].key;
+        if let Ok(entry) = self.table.find_entry(hash(&key), |&i| i as usize == index) {
+            entry.remove();
+        }
+    }
+
+    /// A slot to fill: a free one, a new one below capacity, or the clock's victim.
+    fn claim(&mut self, now_ms: u64) -> usize {
+        if let Some(i) = self.free.pop() {
+            return i as usize;
+        }
+        if self.slots.len() < self.capacity {
+            if self.slots.len() == self.slots.capacity() {
+                // Grow geometrically, but never past the configured capacity.
+                let more = self
+                    .slots
+                    .len()
+                    .max(16)
+                    .min(self.capacity - self.slots.len());
+                self.slots.reserve_exact(more);
+            }
+            self.slots.push(Slot {
+                key: [0; 32],
+                identity: None,
+                until_ms: 0,
+                referenced: false,
+            });
+            return self.slots.len() - 1;
+        }
+        // Two sweeps at most: the first clears every reference bit it passes.
+        let len = self.slots.len();
+        for _ in 0..2 * len {
+            let i = self.hand;
+            self.hand = (self.hand + 1) % len;
+            let slot = &mut self.slots[i];
+            if slot.until_ms <= now_ms || !slot.referenced {
+                self.remove_from_table(i);
+                return i;
+            }
+            slot.referenced = false;
+        }
+        // Unreachable (the first sweep cleared every bit), but stay total.
+        let i = self.hand;
+        self.remove_from_table(i);
+        i
     }
 }
 
 /// Verified identities by token hash.
 pub struct TokenCache {
-    inner: moka::sync::Cache<CacheKey, Arc<Identity>>,
+    shards: Box<[Mutex<Shard>]>,
+    skew_ms: u64,
 }
 
 impl TokenCache {
+    /// `capacity` 0 disables caching.
     pub fn new(capacity: u64, skew_ms: u64) -> Self {
+        let shards = (capacity / MIN_PER_SHARD).clamp(1, MAX_SHARDS as u64) as usize;
+        let shards = if capacity == 0 {
+            0
+        } else {
+            // A power of two, so the shard is a mask of one digest byte.
+            1 << (usize::BITS - 1 - shards.leading_zeros())
+        };
+        let base = capacity.checked_div(shards as u64).unwrap_or(0);
+        let extra = capacity.checked_rem(shards as u64).unwrap_or(0);
         Self {
-            inner: moka::sync::Cache::builder()
-                .max_capacity(capacity)
-                .expire_after(ExpireAtTokenExp { skew_ms })
-                .build(),
+            shards: (0..shards as u64)
+                .map(|i| Mutex::new(Shard::new((base + u64::from(i < extra)) as usize)))
+                .collect(),
+            skew_ms,
         }
     }
 
@@ -51,24 +154,204 @@ impl TokenCache {
         key
     }
 
+    fn shard(&self, key: &CacheKey) -> Option<MutexGuard<'_, Shard>> {
+        if self.shards.is_empty() {
+            return None;
+        }
+        // The table hashes bytes 0..8; the shard comes from another byte.
+        let shard = &self.shards[key[31] as usize & (self.shards.len() - 1)];
+        // Nothing here panics while holding the lock; a poisoned shard is still consistent.
+        Some(shard.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The identity cached for `key`, expired or not: the caller checks `exp`.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Identity>> {
-        self.inner.get(key)
+        let mut shard = self.shard(key)?;
+        let i = shard.find(key)?;
+        let slot = &mut shard.slots[i];
+        slot.referenced = true;
+        slot.identity.clone()
     }
 
     pub fn insert(&self, key: CacheKey, identity: Arc<Identity>) {
-        self.inner.insert(key, identity);
+        self.insert_at(key, identity, super::now_ms());
+    }
+
+    fn insert_at(&self, key: CacheKey, identity: Arc<Identity>, now_ms: u64) {
+        let until_ms = identity.exp_ms.saturating_add(self.skew_ms);
+        if until_ms <= now_ms {
+            return;
+        }
+        let Some(mut shard) = self.shard(&key) else {
+            return;
+        };
+        let slot = Slot {
+            key,
+            identity: Some(identity),
+            until_ms,
+            referenced: false,
+        };
+        if let Some(i) = shard.find(&key) {
+            shard.slots[i] = slot;
+            return;
+        }
+        let i = shard.claim(now_ms);
+        // The evicted identity (if any) is dropped here, under the lock: a few frees.
+        shard.slots[i] = slot;
+        let Shard { table, slots, .. } = &mut *shard;
+        table.insert_unique(hash(&key), i as u32, |&j| hash(&slots[j as usize].key));
     }
 
     pub fn invalidate(&self, key: &CacheKey) {
-        self.inner.invalidate(key);
+        let Some(mut shard) = self.shard(key) else {
+            return;
+        };
+        if let Some(i) = shard.find(key) {
+            shard.remove_from_table(i);
+            shard.slots[i].identity = None;
+            shard.slots[i].until_ms = 0;
+            shard.free.push(i as u32);
+        }
     }
 
-    /// Entries currently held (approximate; moka counts lazily).
+    /// Entries currently held.
     pub fn len(&self) -> u64 {
-        self.inner.entry_count()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).table.len() as u64)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::IdentityParts;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn identity(user: &str, exp_ms: u64) -> Arc<Identity> {
+        Arc::new(Identity::new(IdentityParts {
+            user_id: user,
+            exp_ms,
+            ..IdentityParts::default()
+        }))
+    }
+
+    fn key(n: u32) -> CacheKey {
+        TokenCache::key(&format!("token-{n}"))
+    }
+
+    fn user(cache: &TokenCache, n: u32) -> Option<String> {
+        cache.get(&key(n)).map(|i| i.user_id().to_owned())
+    }
+
+    #[test]
+    fn hit_miss_and_invalidate() {
+        let cache = TokenCache::new(100, 0);
+        cache.insert_at(key(1), identity("user_1", NOW + 60_000), NOW);
+        assert_eq!(user(&cache, 1).as_deref(), Some("user_1"));
+        assert_eq!(user(&cache, 2), None);
+        // Re-inserting the same token replaces, never duplicates.
+        cache.insert_at(key(1), identity("user_1b", NOW + 60_000), NOW);
+        assert_eq!(user(&cache, 1).as_deref(), Some("user_1b"));
+        assert_eq!(cache.len(), 1);
+        cache.invalidate(&key(1));
+        assert_eq!(user(&cache, 1), None);
+        assert!(cache.is_empty());
+        // The freed slot is reused.
+        cache.insert_at(key(3), identity("user_3", NOW + 60_000), NOW);
+        assert_eq!(user(&cache, 3).as_deref(), Some("user_3"));
+    }
+
+    #[test]
+    fn capacity_zero_caches_nothing_and_expired_tokens_are_not_cached() {
+        let off = TokenCache::new(0, 0);
+        off.insert_at(key(1), identity("user_1", NOW + 60_000), NOW);
+        assert_eq!(user(&off, 1), None);
+        let cache = TokenCache::new(10, 5_000);
+        cache.insert_at(key(1), identity("user_1", NOW - 5_000), NOW);
+        assert_eq!(user(&cache, 1), None, "exp + skew already passed");
+        cache.insert_at(key(2), identity("user_2", NOW - 4_999), NOW);
+        assert_eq!(
+            user(&cache, 2).as_deref(),
+            Some("user_2"),
+            "within the skew"
+        );
+    }
+
+    #[test]
+    fn bounded_by_capacity_whatever_the_traffic() {
+        for capacity in [1u64, 3, 255, 256, 1000, 20_000] {
+            let cache = TokenCache::new(capacity, 0);
+            let total = capacity as u32 * 3 + 7;
+            for n in 0..total {
+                cache.insert_at(key(n), identity("u", NOW + 60_000), NOW);
+            }
+            assert_eq!(cache.len(), capacity, "capacity {capacity}");
+            // The newest token is always kept.
+            assert!(user(&cache, total - 1).is_some(), "capacity {capacity}");
+        }
+    }
+
+    #[test]
+    fn entries_hit_recently_survive_eviction() {
+        // One shard (capacity below MIN_PER_SHARD): the clock sees every entry.
+        let cache = TokenCache::new(100, 0);
+        for n in 0..100 {
+            cache.insert_at(key(n), identity("u", NOW + 60_000), NOW);
+        }
+        for n in 0..10 {
+            assert!(user(&cache, n).is_some());
+        }
+        // 50 newcomers: the 10 hit entries are passed over, unreferenced ones go.
+        for n in 100..150 {
+            cache.insert_at(key(n), identity("u", NOW + 60_000), NOW);
+        }
+        for n in 0..10 {
+            assert!(user(&cache, n).is_some(), "hit entry {n} evicted");
+        }
+        let old_left = (10..100).filter(|&n| user(&cache, n).is_some()).count();
+        assert_eq!(old_left, 40, "exactly the unreferenced ones were replaced");
+        assert_eq!(cache.len(), 100);
+    }
+
+    #[test]
+    fn expired_entries_are_reused_before_live_ones() {
+        let cache = TokenCache::new(10, 0);
+        for n in 0..10 {
+            // Tokens 0..5 expire at NOW + 1 s, the rest later; all are hit once.
+            let exp = if n < 5 { NOW + 1_000 } else { NOW + 60_000 };
+            cache.insert_at(key(n), identity("u", exp), NOW);
+            assert!(user(&cache, n).is_some());
+        }
+        for n in 10..15 {
+            cache.insert_at(key(n), identity("u", NOW + 60_000), NOW + 2_000);
+        }
+        for n in 0..5 {
+            assert_eq!(user(&cache, n), None, "expired entry {n} kept");
+        }
+        for n in 5..15 {
+            assert!(user(&cache, n).is_some(), "live entry {n} evicted");
+        }
+    }
+
+    #[test]
+    fn shards_split_the_capacity_exactly() {
+        for capacity in [1u64, 255, 256, 513, 16_383, 16_384, 100_000, 1_000_003] {
+            let cache = TokenCache::new(capacity, 0);
+            let total: usize = cache
+                .shards
+                .iter()
+                .map(|s| s.lock().unwrap().capacity)
+                .sum();
+            assert_eq!(total as u64, capacity);
+            assert!(cache.shards.len().is_power_of_two());
+            assert!(cache.shards.len() <= MAX_SHARDS);
+        }
     }
 }
