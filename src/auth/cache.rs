@@ -11,10 +11,13 @@
 //! shards by digest byte, each a `Mutex` held for one table probe. A shard is a slab of slots
 //! (digest, identity, deadline, reference bit) plus a hash table of slot indices (4 bytes
 //! each), hashed by the digest's first eight bytes, which SHA-256 has already made uniform.
-//! When a shard is full, CLOCK (second chance) picks the victim: an expired slot, or the first
-//! slot not hit since the hand last passed it, approximating least-recently-used without
-//! reordering anything on a hit.
+//! Shards draw new slots from one cache-wide budget, so a shard that gets more than its share
+//! of tokens does not evict while the cache has room. Once the budget is spent, the shard a
+//! new token lands in evicts one of its own entries with CLOCK (second chance): an expired
+//! slot, or the first slot not hit since the hand last passed it, approximating
+//! least-recently-used without reordering anything on a hit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hashbrown::HashTable;
@@ -31,10 +34,21 @@ const MIN_PER_SHARD: u64 = 256;
 struct Slot {
     key: CacheKey,
     identity: Option<Arc<Identity>>,
-    /// `exp` plus skew, in Unix milliseconds.
-    until_ms: u64,
-    /// Hit since the clock hand last passed.
-    referenced: bool,
+    /// `exp` plus skew in Unix milliseconds, with [`REFERENCED`] set when the slot was hit
+    /// since the clock hand last passed (one word instead of two: 48 bytes a slot, not 56).
+    until: u64,
+}
+
+const REFERENCED: u64 = 1 << 63;
+
+impl Slot {
+    fn until_ms(&self) -> u64 {
+        self.until & !REFERENCED
+    }
+
+    fn referenced(&self) -> bool {
+        self.until & REFERENCED != 0
+    }
 }
 
 struct Shard {
@@ -44,7 +58,9 @@ struct Shard {
     /// Emptied slots (invalidated), reused before the clock runs.
     free: Vec<u32>,
     hand: usize,
-    capacity: usize,
+    /// This shard's share of the capacity (the table is sized for it); a shard may hold more
+    /// while the cache as a whole has room, see [`TokenCache::slots`].
+    share: usize,
 }
 
 fn hash(key: &CacheKey) -> u64 {
@@ -54,14 +70,17 @@ fn hash(key: &CacheKey) -> u64 {
 }
 
 impl Shard {
-    fn new(capacity: usize) -> Self {
+    fn new(share: usize) -> Self {
         Self {
-            // Sized once: no rehashing while traffic fills the cache.
-            table: HashTable::with_capacity(capacity),
-            slots: Vec::new(),
+            // Sized for the share plus the usual spread of a uniform hash over the shards:
+            // rehashing while traffic fills the cache is rare.
+            table: HashTable::with_capacity(share + share / 8),
+            // Reserved, not touched: pages count towards RSS only once slots are written, and
+            // the slab never moves while it fills.
+            slots: Vec::with_capacity(share),
             free: Vec::new(),
             hand: 0,
-            capacity,
+            share,
         }
     }
 
@@ -79,28 +98,31 @@ impl Shard {
         }
     }
 
-    /// A slot to fill: a free one, a new one below capacity, or the clock's victim.
-    fn claim(&mut self, now_ms: u64) -> usize {
+    /// A slot to fill: a free one, a new one while the cache-wide budget lasts, or the clock's
+    /// victim. `None` only when the budget is spent and this shard has no slot at all.
+    fn claim(&mut self, now_ms: u64, budget: &AtomicU64) -> Option<usize> {
         if let Some(i) = self.free.pop() {
-            return i as usize;
+            return Some(i as usize);
         }
-        if self.slots.len() < self.capacity {
+        let granted = budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if granted {
             if self.slots.len() == self.slots.capacity() {
-                // Grow geometrically, but never past the configured capacity.
-                let more = self
-                    .slots
-                    .len()
-                    .max(16)
-                    .min(self.capacity - self.slots.len());
-                self.slots.reserve_exact(more);
+                // Past the share (a fuller than average shard): a little at a time.
+                self.slots.reserve_exact((self.share / 16).max(16));
             }
             self.slots.push(Slot {
                 key: [0; 32],
                 identity: None,
-                until_ms: 0,
-                referenced: false,
+                until: 0,
             });
-            return self.slots.len() - 1;
+            return Some(self.slots.len() - 1);
+        }
+        if self.slots.is_empty() {
+            return None;
         }
         // Two sweeps at most: the first clears every reference bit it passes.
         let len = self.slots.len();
@@ -108,22 +130,26 @@ impl Shard {
             let i = self.hand;
             self.hand = (self.hand + 1) % len;
             let slot = &mut self.slots[i];
-            if slot.until_ms <= now_ms || !slot.referenced {
+            if slot.until_ms() <= now_ms || !slot.referenced() {
                 self.remove_from_table(i);
-                return i;
+                return Some(i);
             }
-            slot.referenced = false;
+            slot.until &= !REFERENCED;
         }
         // Unreachable (the first sweep cleared every bit), but stay total.
         let i = self.hand;
         self.remove_from_table(i);
-        i
+        Some(i)
     }
 }
 
 /// Verified identities by token hash.
 pub struct TokenCache {
     shards: Box<[Mutex<Shard>]>,
+    /// Slots not yet allocated to any shard: `auth.token_cache_capacity` at start. A shard
+    /// takes one per new slot and evicts only when none is left, so the bound is exact for the
+    /// whole cache and a shard fuller than its share does not evict early.
+    slots: AtomicU64,
     skew_ms: u64,
 }
 
@@ -143,6 +169,7 @@ impl TokenCache {
             shards: (0..shards as u64)
                 .map(|i| Mutex::new(Shard::new((base + u64::from(i < extra)) as usize)))
                 .collect(),
+            slots: AtomicU64::new(capacity),
             skew_ms,
         }
     }
@@ -169,7 +196,7 @@ impl TokenCache {
         let mut shard = self.shard(key)?;
         let i = shard.find(key)?;
         let slot = &mut shard.slots[i];
-        slot.referenced = true;
+        slot.until |= REFERENCED;
         slot.identity.clone()
     }
 
@@ -178,7 +205,12 @@ impl TokenCache {
     }
 
     fn insert_at(&self, key: CacheKey, identity: Arc<Identity>, now_ms: u64) {
-        let until_ms = identity.exp_ms.saturating_add(self.skew_ms);
+        // Capped below the reference bit (year 292 million; a token claiming more is simply
+        // kept until evicted, and re-checked against its exp on every hit).
+        let until_ms = identity
+            .exp_ms
+            .saturating_add(self.skew_ms)
+            .min(!REFERENCED);
         if until_ms <= now_ms {
             return;
         }
@@ -188,14 +220,15 @@ impl TokenCache {
         let slot = Slot {
             key,
             identity: Some(identity),
-            until_ms,
-            referenced: false,
+            until: until_ms,
         };
         if let Some(i) = shard.find(&key) {
             shard.slots[i] = slot;
             return;
         }
-        let i = shard.claim(now_ms);
+        let Some(i) = shard.claim(now_ms, &self.slots) else {
+            return;
+        };
         // The evicted identity (if any) is dropped here, under the lock: a few frees.
         shard.slots[i] = slot;
         let Shard { table, slots, .. } = &mut *shard;
@@ -209,7 +242,7 @@ impl TokenCache {
         if let Some(i) = shard.find(key) {
             shard.remove_from_table(i);
             shard.slots[i].identity = None;
-            shard.slots[i].until_ms = 0;
+            shard.slots[i].until = 0;
             shard.free.push(i as u32);
         }
     }
@@ -299,6 +332,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_filled_to_capacity_evicts_nothing() {
+        // Digests spread over the shards unevenly (binomially): a shard fuller than its share
+        // must not evict while the cache as a whole has room.
+        for capacity in [1_000u64, 20_000, 100_000] {
+            let cache = TokenCache::new(capacity, 0);
+            for n in 0..capacity as u32 {
+                cache.insert_at(key(n), identity("u", NOW + 60_000), NOW);
+            }
+            let missing = (0..capacity as u32)
+                .filter(|&n| cache.get(&key(n)).is_none())
+                .count();
+            assert_eq!(missing, 0, "capacity {capacity}");
+            assert_eq!(cache.len(), capacity);
+        }
+    }
+
+    #[test]
     fn entries_hit_recently_survive_eviction() {
         // One shard (capacity below MIN_PER_SHARD): the clock sees every entry.
         let cache = TokenCache::new(100, 0);
@@ -344,11 +394,7 @@ mod tests {
     fn shards_split_the_capacity_exactly() {
         for capacity in [1u64, 255, 256, 513, 16_383, 16_384, 100_000, 1_000_003] {
             let cache = TokenCache::new(capacity, 0);
-            let total: usize = cache
-                .shards
-                .iter()
-                .map(|s| s.lock().unwrap().capacity)
-                .sum();
+            let total: usize = cache.shards.iter().map(|s| s.lock().unwrap().share).sum();
             assert_eq!(total as u64, capacity);
             assert!(cache.shards.len().is_power_of_two());
             assert!(cache.shards.len() <= MAX_SHARDS);

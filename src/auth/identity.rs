@@ -191,16 +191,22 @@ pub struct Identity {
     fields: [Span; FIELDS],
     /// Bit per [`Field`]: the value is a valid header value (no control bytes).
     headerable: u8,
+    pub iat: Option<i64>,
+    pub exp_ms: u64,
+    /// What only some configurations need, boxed so that the common identity stays small.
+    extra: Option<Box<Extra>>,
+    /// The key-store generation the token was verified under (see `KeyStore::generation`).
+    pub key_generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Extra {
     /// One span per `[headers.claims]` mapping of the builder, in its order; only valid
     /// header values are kept.
     mapped: Box<[Span]>,
-    pub iat: Option<i64>,
-    pub exp_ms: u64,
     /// The decoded claims, for route claim requirements; `None` unless a route has some (see
     /// [`IdentityBuilder::keep_claims`]).
-    claims: Option<Box<Map<String, Value>>>,
-    /// The key-store generation the token was verified under (see `KeyStore::generation`).
-    pub key_generation: u64,
+    claims: Option<Map<String, Value>>,
 }
 
 /// The values an [`Identity`] is made of (tests and [`IdentityBuilder::build`]).
@@ -304,7 +310,7 @@ impl Identity {
                 }
             }
         }
-        let mapped = parts
+        let mapped: Box<[Span]> = parts
             .mapped
             .iter()
             .map(|value| match value {
@@ -320,10 +326,14 @@ impl Identity {
             blob: Bytes::from(blob),
             fields,
             headerable,
-            mapped,
             iat: parts.iat,
             exp_ms: parts.exp_ms,
-            claims: parts.claims.map(Box::new),
+            extra: (!mapped.is_empty() || parts.claims.is_some()).then(|| {
+                Box::new(Extra {
+                    mapped,
+                    claims: parts.claims,
+                })
+            }),
             key_generation: 0,
         }
     }
@@ -372,7 +382,7 @@ impl Identity {
 
     /// The value at a dotted claim path (only when the builder kept claims).
     pub fn claim(&self, path: &str) -> Option<&Value> {
-        claim_at(self.claims.as_deref()?, path)
+        claim_at(self.extra.as_ref()?.claims.as_ref()?, path)
     }
 
     fn value(&self, span: Span) -> Option<HeaderValue> {
@@ -393,7 +403,8 @@ impl Identity {
                 h.insert(name.clone(), value);
             }
         }
-        for (span, (_, name)) in self.mapped.iter().zip(&builder.claim_headers) {
+        let mapped = self.extra.as_ref().map_or(&[][..], |e| &e.mapped);
+        for (span, (_, name)) in mapped.iter().zip(&builder.claim_headers) {
             if let Some(value) = self.value(*span) {
                 h.insert(name.clone(), value);
             }
