@@ -110,7 +110,8 @@ impl App {
         let auth = Arc::new(Authenticator::new(
             verifier,
             keys.clone(),
-            TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms),
+            TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms)
+                .with_eviction_counter(metrics.token_cache_evictions.clone()),
             IdentityBuilder::new(&config.headers)
                 .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
             metrics.clone(),

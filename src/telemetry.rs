@@ -292,6 +292,7 @@ pub struct Metrics {
     pub jwks_age_seconds: IntGauge,
     pub token_cache_hits: IntCounter,
     pub token_cache_misses: IntCounter,
+    pub token_cache_evictions: IntCounter,
     pub spoofed_headers: IntCounter,
     pub ready: IntGauge,
     pub webhook_events: LabeledCounter2<WebhookEventType, WebhookResult>,
@@ -384,6 +385,10 @@ impl Metrics {
             token_cache_misses: int_counter(
                 "clerkgate_token_cache_misses_total",
                 "Requests whose token needed a full verification.",
+            ),
+            token_cache_evictions: int_counter(
+                "clerkgate_token_cache_evictions_total",
+                "Cached tokens dropped before they expired because auth.token_cache_capacity was reached.",
             ),
             spoofed_headers: int_counter(
                 "clerkgate_spoofed_headers_total",

@@ -151,6 +151,8 @@ pub struct TokenCache {
     /// whole cache and a shard fuller than its share does not evict early.
     slots: AtomicU64,
     skew_ms: u64,
+    /// Entries dropped before their token expired because the cache was full.
+    evictions: Option<prometheus::IntCounter>,
 }
 
 impl TokenCache {
@@ -171,7 +173,15 @@ impl TokenCache {
                 .collect(),
             slots: AtomicU64::new(capacity),
             skew_ms,
+            evictions: None,
         }
+    }
+
+    /// Counts entries evicted while their token was still valid (the capacity is too small
+    /// for the tokens in use: each one costs a full verification when it comes back).
+    pub fn with_eviction_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.evictions = Some(counter);
+        self
     }
 
     pub fn key(token: &str) -> CacheKey {
@@ -229,6 +239,13 @@ impl TokenCache {
         let Some(i) = shard.claim(now_ms, &self.slots) else {
             return;
         };
+        let old = &shard.slots[i];
+        if old.identity.is_some()
+            && old.until_ms() > now_ms
+            && let Some(evictions) = &self.evictions
+        {
+            evictions.inc();
+        }
         // The evicted identity (if any) is dropped here, under the lock: a few frees.
         shard.slots[i] = slot;
         let Shard { table, slots, .. } = &mut *shard;
@@ -351,7 +368,8 @@ mod tests {
     #[test]
     fn entries_hit_recently_survive_eviction() {
         // One shard (capacity below MIN_PER_SHARD): the clock sees every entry.
-        let cache = TokenCache::new(100, 0);
+        let evictions = prometheus::IntCounter::new("e", "e").unwrap();
+        let cache = TokenCache::new(100, 0).with_eviction_counter(evictions.clone());
         for n in 0..100 {
             cache.insert_at(key(n), identity("u", NOW + 60_000), NOW);
         }
@@ -367,12 +385,14 @@ mod tests {
         }
         let old_left = (10..100).filter(|&n| user(&cache, n).is_some()).count();
         assert_eq!(old_left, 40, "exactly the unreferenced ones were replaced");
+        assert_eq!(evictions.get(), 50, "every live entry replaced is counted");
         assert_eq!(cache.len(), 100);
     }
 
     #[test]
     fn expired_entries_are_reused_before_live_ones() {
-        let cache = TokenCache::new(10, 0);
+        let evictions = prometheus::IntCounter::new("e", "e").unwrap();
+        let cache = TokenCache::new(10, 0).with_eviction_counter(evictions.clone());
         for n in 0..10 {
             // Tokens 0..5 expire at NOW + 1 s, the rest later; all are hit once.
             let exp = if n < 5 { NOW + 1_000 } else { NOW + 60_000 };
@@ -385,6 +405,11 @@ mod tests {
         for n in 0..5 {
             assert_eq!(user(&cache, n), None, "expired entry {n} kept");
         }
+        assert_eq!(
+            evictions.get(),
+            0,
+            "reusing expired entries is not an eviction"
+        );
         for n in 5..15 {
             assert!(user(&cache, n).is_some(), "live entry {n} evicted");
         }

@@ -122,6 +122,7 @@ async fn admin_listener_serves_health_and_every_metric_family() {
             "clerkgate_jwks_age_seconds ",
             "clerkgate_token_cache_hits_total 0",
             "clerkgate_token_cache_misses_total 1",
+            "clerkgate_token_cache_evictions_total 0",
             "clerkgate_spoofed_headers_total 0",
             "clerkgate_build_info{version=\"",
         ]
@@ -176,6 +177,37 @@ async fn same_token_twice_is_one_cache_miss_then_one_hit() {
     }
     assert_eq!(gate.metrics.token_cache_misses.get(), 1);
     assert_eq!(gate.metrics.token_cache_hits.get(), 1);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_token_cache_evicts_and_counts_it() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Sidecar::start(&clerk, &upstream, "[auth]\ntoken_cache_capacity = 2\n").await;
+    let tokens: Vec<String> = (1..=3)
+        .map(|n| clerk.session_token(&format!("user_{n}")))
+        .collect();
+    // Three distinct tokens into two slots, then the first again: it was evicted (never hit,
+    // so the clock took it first) and costs a second verification, which evicts another.
+    for (i, token) in tokens.iter().chain([&tokens[0]]).enumerate() {
+        let resp = client()
+            .get(gate.url("/c"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    assert_eq!(upstream.last().headers["x-user-id"], "user_1");
+    assert_eq!(gate.metrics.token_cache_misses.get(), 4);
+    assert_eq!(gate.metrics.token_cache_hits.get(), 0);
+    assert_eq!(gate.metrics.token_cache_evictions.get(), 2);
+    assert!(
+        gate.metrics_text()
+            .await
+            .contains("clerkgate_token_cache_evictions_total 2")
+    );
     gate.stop().await;
 }
 
