@@ -40,6 +40,9 @@ struct DoorState {
     prefix: String,
     /// The accept task, which owns every connection: aborting it cuts them all.
     task: Option<JoinHandle<()>>,
+    /// Under `Refuse`: the port, bound but not listening (connections are refused, and no
+    /// other test can take the port before the door reopens).
+    reserved: Option<TcpSocket>,
 }
 
 /// A door on a fixed `127.0.0.1` port in front of an HTTP server (the fake Clerk). It relays,
@@ -70,6 +73,7 @@ impl Door {
                 mode: Mode::Relay,
                 prefix: "/".into(),
                 task: None,
+                reserved: None,
             })),
             requests: Arc::new(AtomicUsize::new(0)),
         };
@@ -89,23 +93,30 @@ impl Door {
     /// Plays `mode` for requests under `prefix` from now on. Every open connection is cut, so
     /// no pooled keep-alive connection keeps relaying past the switch.
     pub async fn set(&self, mode: Mode, prefix: &str) {
-        let old = {
+        let (old, mut reserved) = {
             let mut state = lock(&self.state);
             state.mode = mode.clone();
             state.prefix = prefix.to_owned();
-            state.task.take()
+            (state.task.take(), state.reserved.take())
         };
         if let Some(task) = old {
             task.abort();
             let _ = task.await;
         }
-        if matches!(mode, Mode::Refuse) {
-            return;
-        }
+        // Rebind at once (the port is free only for that instant); a bound socket that does
+        // not listen refuses connections.
         let mut attempts = 0;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(listener) => break listener,
+        let socket = loop {
+            let bound = match reserved.take() {
+                Some(socket) => Ok(socket),
+                None => TcpSocket::new_v4().and_then(|socket| {
+                    socket.set_reuseaddr(true)?;
+                    socket.bind(self.addr)?;
+                    Ok(socket)
+                }),
+            };
+            match bound {
+                Ok(socket) => break socket,
                 Err(e) => {
                     attempts += 1;
                     assert!(
@@ -117,6 +128,13 @@ impl Door {
                 }
             }
         };
+        if matches!(mode, Mode::Refuse) {
+            lock(&self.state).reserved = Some(socket);
+            return;
+        }
+        let listener = socket
+            .listen(1024)
+            .unwrap_or_else(|e| panic!("cannot reopen the door on {}: {e}", self.addr));
         self.serve(listener);
     }
 
