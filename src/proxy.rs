@@ -10,6 +10,7 @@
 pub mod forward;
 pub mod headers;
 pub mod path;
+pub mod pool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -261,7 +262,7 @@ pub struct Proxy {
     forward_token: bool,
     accept_cookie: bool,
     upstream: UpstreamBase,
-    client: forward::UpstreamClient,
+    client: Arc<pool::UpstreamPool>,
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
     forward_auth_uri_source: UriSource,
@@ -302,10 +303,8 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
         let p = &config.proxy;
-        let client = forward::client(
+        let connector = forward::connector(
             Duration::from_secs(p.connect_timeout_seconds),
-            Duration::from_secs(p.pool_idle_timeout_seconds),
-            p.pool_max_idle,
             p.upstream_ca_path.as_deref(),
         )
         .map_err(|e| {
@@ -316,6 +315,15 @@ impl Proxy {
             };
             ConfigError::new(key, format!("TLS roots unavailable: {e}"))
         })?;
+        let upstream = p.upstream_base()?;
+        let client = pool::UpstreamPool::new(
+            connector,
+            &upstream.scheme,
+            &upstream.authority,
+            p.pool_max_idle,
+            Duration::from_secs(p.pool_idle_timeout_seconds),
+        )
+        .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             auth,
@@ -326,7 +334,7 @@ impl Proxy {
             spoof: config.auth.on_spoofed_header,
             forward_token: config.auth.forward_token,
             accept_cookie: config.auth.accept_cookie,
-            upstream: p.upstream_base()?,
+            upstream,
             client,
             upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
             forward_auth_path: (!p.forward_auth_path.is_empty())
@@ -548,14 +556,17 @@ impl Proxy {
             }
             Err(_) => return self.reject(Rejection::Upstream(UpstreamErrorKind::Timeout)),
         };
-        let mut resp = resp;
+        let (mut resp, lease) = resp;
         if let Some(client_upgrade) = client_upgrade
             && resp.status() == StatusCode::SWITCHING_PROTOCOLS
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            // The connection becomes the tunnel: never back to the pool (the lease goes with
+            // the tunnel and is dropped, not released, when it ends).
             tokio::spawn(tunnel(
                 client_upgrade,
                 upstream_upgrade,
+                lease,
                 self.metrics.clone(),
             ));
             let (parts, _) = resp.into_parts();
@@ -567,7 +578,7 @@ impl Proxy {
         headers::strip_hop_by_hop(resp.headers_mut(), false);
         let errors = self.metrics.clone();
         (
-            resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors))),
+            resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors, lease))),
             outcome,
         )
     }
@@ -662,6 +673,7 @@ impl crate::server::Handler for Proxy {
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    _lease: pool::Lease,
     metrics: Arc<Metrics>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {

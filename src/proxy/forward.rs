@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::pool::{Lease, PoolError};
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
@@ -33,6 +34,21 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let https = connector(connect_timeout, ca_file)?;
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(https))
+}
+
+/// The connector for an upstream: TCP (no Nagle, keep-alive probes, connect timeout), TLS for
+/// https with the platform's roots or only `ca_file`'s. Fails only when roots cannot be loaded.
+pub fn connector(
+    connect_timeout: Duration,
+    ca_file: Option<&str>,
+) -> std::io::Result<HttpsConnector<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
@@ -45,13 +61,7 @@ where
             .try_with_platform_verifier()
             .map_err(std::io::Error::other)?,
     };
-    let https = builder.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .build(https))
+    Ok(builder.https_or_http().enable_http1().wrap_connector(http))
 }
 
 /// A rustls client configuration trusting only the certificates in a PEM file.
@@ -80,14 +90,32 @@ fn private_roots(path: &str) -> std::io::Result<rustls::ClientConfig> {
 /// The upstream's response body, streamed to the client as it arrives. The head has been
 /// forwarded by then, so a break-off (a reset, a chunked body cut short) can only reach the
 /// client as a broken body; it is counted here as an upstream protocol error.
+///
+/// It holds the lease of its upstream connection and hands the connection back to the pool
+/// once the body has ended; a body dropped before its end retires the connection instead.
 pub struct UpstreamBody {
     inner: Incoming,
     metrics: Arc<Metrics>,
+    lease: Option<Lease>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
+    pub fn new(inner: Incoming, metrics: Arc<Metrics>, lease: Lease) -> Self {
+        let mut body = Self {
+            inner,
+            metrics,
+            lease: Some(lease),
+        };
+        body.release_if_ended();
+        body
+    }
+
+    fn release_if_ended(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
     }
 }
 
@@ -100,11 +128,22 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            self.metrics
-                .upstream_errors
-                .inc(UpstreamErrorKind::Protocol);
-            tracing::debug!(error = %e, "upstream response broke off after the head");
+        match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                self.metrics
+                    .upstream_errors
+                    .inc(UpstreamErrorKind::Protocol);
+                tracing::debug!(error = %e, "upstream response broke off after the head");
+                // The connection is in no state to be reused.
+                self.lease = None;
+            }
+            Poll::Ready(None) => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => self.release_if_ended(),
+            Poll::Pending => {}
         }
         polled
     }
@@ -120,43 +159,32 @@ impl Body for UpstreamBody {
 
 /// Whether the exchange failed because the client's own request body failed (invalid chunked
 /// framing, a body shorter than its Content-Length): the client's fault, not the upstream's.
-pub fn is_client_body_error(e: &hyper_util::client::legacy::Error) -> bool {
-    for err in sources(e) {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_user()
-        {
-            // hyper reports a failing request body as a user error (`User(Body)`) whose source
-            // is the inbound body's own hyper error: bad chunked framing, a short body, or the
-            // client going away mid-body.
-            return std::error::Error::source(h).is_some_and(|inner| inner.is::<hyper::Error>());
-        }
-    }
-    false
+pub fn is_client_body_error(e: &PoolError) -> bool {
+    e.chain().any(is_failing_request_body)
 }
 
-/// The error's source chain, outermost first (the error itself excluded).
-fn sources(
-    e: &hyper_util::client::legacy::Error,
-) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-    std::iter::successors(std::error::Error::source(e), |err| err.source())
+/// hyper reports a failing request body as a user error (`User(Body)`) whose source is the
+/// inbound body's own hyper error: bad chunked framing, a short body, or the client going away
+/// mid-body.
+fn is_failing_request_body(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<hyper::Error>().is_some_and(|h| {
+        h.is_user() && std::error::Error::source(h).is_some_and(|inner| inner.is::<hyper::Error>())
+    })
 }
 
-/// Sorts a client error into a closed kind.
-pub fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
-    if e.is_connect() {
-        // The connector's timeout surfaces as an io::Error of kind TimedOut somewhere in the
-        // source chain (its text is only `Elapsed(())`).
-        let timed_out = sources(e).any(|err| {
-            err.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-                || err.is::<tokio::time::error::Elapsed>()
-        });
-        if timed_out {
-            UpstreamErrorKind::Timeout
-        } else {
-            UpstreamErrorKind::Connect
-        }
-    } else {
-        UpstreamErrorKind::Protocol
+/// Sorts an exchange error into a closed kind.
+pub fn classify(e: &PoolError) -> UpstreamErrorKind {
+    match e {
+        PoolError::Connect(_) if e.chain().any(is_timeout) => UpstreamErrorKind::Timeout,
+        PoolError::Connect(_) => UpstreamErrorKind::Connect,
+        PoolError::Send(_) => UpstreamErrorKind::Protocol,
     }
+}
+
+/// The connector's timeout surfaces as an io::Error of kind TimedOut somewhere in the source
+/// chain (its text is only `Elapsed(())`).
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        || err.is::<tokio::time::error::Elapsed>()
 }

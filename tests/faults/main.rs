@@ -7,6 +7,7 @@ mod support;
 // `backend`: Backend API faults (api-mode session checks, the local API).
 // `upstream`: upstream faults, answered 502/504 with a reason and a metric.
 // `drain`: SIGTERM against the real binary.
+// `pool`: upstream keep-alive connections: reuse, upstream-closed idle connections, reaping.
 // `fakes`: the misbehaving servers (a fault door in front of the fake Clerk, a raw upstream).
 
 mod backend;
@@ -14,4 +15,5 @@ mod clerk;
 mod common;
 mod drain;
 mod fakes;
+mod pool;
 mod upstream;

@@ -1,0 +1,236 @@
+//! The proxy's upstream client: one upstream, HTTP/1.1 keep-alive connections kept in a LIFO
+//! pool, each driven by its own `hyper::client::conn::http1` connection task.
+//!
+//! Why not hyper-util's pooled client (which the webhook forwarder still uses): per request it
+//! races a pool checkout against a lazily built connect future, keys the pool by scheme and
+//! authority, and spawns a task that waits for the connection to become idle again before
+//! returning it. Here the connection goes back to the pool when the response body ends (see
+//! [`Lease`]), and a checkout is a pop under an uncontended lock.
+//!
+//! Like hyper-util's client, a request that a reused connection refused before sending any of
+//! it (the upstream closed an idle keep-alive connection at that moment) is retried once on a
+//! fresh connection; nothing that may have reached the upstream is ever sent twice.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an upstream exchange failed.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection: refused, unreachable, timed out, or the TLS or HTTP handshake failed.
+    Connect(BoxError),
+    /// The exchange on an established connection failed.
+    Send(hyper::Error),
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Connect(e) => write!(f, "connect: {e}"),
+            PoolError::Send(e) => write!(f, "send: {e}"),
+        }
+    }
+}
+
+impl PoolError {
+    /// Errors in this error's source chain, itself first.
+    pub fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+        let first: &(dyn std::error::Error + 'static) = match self {
+            PoolError::Connect(e) => e.as_ref(),
+            PoolError::Send(e) => e,
+        };
+        std::iter::successors(Some(first), |err| err.source())
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// Keep-alive connections to the one configured upstream.
+pub struct UpstreamPool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`, what the connector dials.
+    target: Uri,
+    /// The upstream's authority for requests that arrive without `Host` (HTTP/2 clients with
+    /// `preserve_host = false`), without a default port, as hyper-util's client sent it.
+    host: HeaderValue,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// A connection lent to one exchange. Dropping it after the response body ended returns the
+/// connection to the pool; dropping it earlier (a body cut short, an upgrade) retires it.
+pub struct Lease {
+    pool: Weak<UpstreamPool>,
+    sender: Option<http1::SendRequest<Incoming>>,
+}
+
+impl Lease {
+    /// The response body ended: the connection may serve another request.
+    pub fn release(mut self) {
+        if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
+            pool.put(sender);
+        }
+    }
+}
+
+impl UpstreamPool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Result<Arc<Self>, http::Error> {
+        let target = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        let default_port = match scheme.as_str() {
+            "https" => 443,
+            _ => 80,
+        };
+        let host = match authority.port_u16() {
+            Some(p) if p == default_port => HeaderValue::from_str(authority.host()),
+            _ => HeaderValue::from_str(authority.as_str()),
+        }
+        .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let pool = Arc::new(Self {
+            connector,
+            target,
+            host,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        });
+        // Close connections idle past the timeout even when no request comes to find them.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            let every = (idle_timeout / 2).max(Duration::from_millis(100));
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match weak.upgrade() {
+                        Some(pool) => pool.reap(),
+                        None => break,
+                    }
+                }
+            });
+        }
+        Ok(pool)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // Nothing panics while holding it; a poisoned pool is still a list of connections.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn reap(&self) {
+        let timeout = self.idle_timeout;
+        self.lock()
+            .retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+    }
+
+    /// The most recently used live connection, if any.
+    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, PoolError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.target.clone())
+            .await
+            .map_err(PoolError::Connect)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` (absolute URI of the upstream) and returns the response head with the lease
+    /// of its connection.
+    pub async fn request(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        // The upstream gets origin form; the connection already names scheme and authority.
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = None;
+        parts.authority = None;
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+        if !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, self.host.clone());
+        }
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if reused {
+                    continue; // closed while idle: try the next one, or a fresh connection
+                }
+                return Err(PoolError::Connect(
+                    "upstream closed the new connection".into(),
+                ));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let lease = Lease {
+                        pool: Arc::downgrade(self),
+                        sender: Some(sender),
+                    };
+                    return Ok((resp, lease));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not a byte of it was sent: safe to try again, but only when the
+                    // connection was a reused one (a fresh one failing says the upstream is
+                    // in trouble).
+                    Some(back) if reused => req = back,
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+}
