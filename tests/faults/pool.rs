@@ -77,6 +77,18 @@ impl CountingUpstream {
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// Waits up to 5 s until no more than `n` connections are open.
+    async fn open_at_most(&self, n: usize) -> bool {
+        let settled = async {
+            while self.open.load(Ordering::SeqCst) > n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), settled)
+            .await
+            .is_ok()
+    }
 }
 
 /// Reads one request head; `None` on EOF (counted) or idle timeout.
@@ -218,24 +230,16 @@ async fn idle_connections_are_closed_after_the_idle_timeout_and_bounded_by_max_i
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     let accepted = upstream.accepted();
     assert!(accepted >= 2, "concurrent requests, {accepted} connections");
-    let settled = async {
-        while upstream.open.load(Ordering::SeqCst) > 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), settled)
-        .await
-        .expect("at most pool_max_idle connections stay open");
+    assert!(
+        upstream.open_at_most(2).await,
+        "at most pool_max_idle connections stay open"
+    );
     // Past the idle timeout (reaped every half timeout) every pooled connection is closed,
     // without any request coming to find it.
-    let reaped = async {
-        while upstream.open.load(Ordering::SeqCst) > 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), reaped)
-        .await
-        .expect("idle connections closed after pool_idle_timeout_seconds");
+    assert!(
+        upstream.open_at_most(0).await,
+        "idle connections closed after pool_idle_timeout_seconds"
+    );
     assert_eq!(
         upstream.closed_by_proxy.load(Ordering::SeqCst),
         accepted,
