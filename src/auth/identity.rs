@@ -412,7 +412,8 @@ impl Identity {
     }
 
     /// The identity headers as pairs (what [`Self::insert_headers`] inserts).
-    pub fn headers(&self, builder: &IdentityBuilder) -> Vec<(HeaderName, HeaderValue)> {
+    #[cfg(test)]
+    fn headers(&self, builder: &IdentityBuilder) -> Vec<(HeaderName, HeaderValue)> {
         let mut h = HeaderMap::new();
         self.insert_headers(builder, &mut h);
         h.into_iter()

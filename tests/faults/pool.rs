@@ -139,88 +139,93 @@ async fn serve(mut stream: TcpStream, style: Style, closed: &AtomicUsize) {
     }
 }
 
-async fn start(clerk: &FakeClerk, upstream: &CountingUpstream, extra: &str) -> Sidecar {
-    let gate = start_with_upstream_url(clerk, &upstream.url(), extra).await;
+/// A fake Clerk, an upstream of `style`, clerkgate in front of it (ready) and a valid token.
+struct Setup {
+    _clerk: FakeClerk,
+    upstream: CountingUpstream,
+    gate: Sidecar,
+    token: String,
+}
+
+async fn setup(style: Style, extra: &str) -> Setup {
+    let clerk = FakeClerk::start().await;
+    let upstream = CountingUpstream::start(style).await;
+    let gate = start_with_upstream_url(&clerk, &upstream.url(), extra).await;
     assert!(wait_ready(&gate).await, "clerkgate became ready");
-    gate
+    let token = clerk.session_token("user_1");
+    Setup {
+        _clerk: clerk,
+        upstream,
+        gate,
+        token,
+    }
+}
+
+/// `n` sequential requests, each answered 200.
+async fn requests_succeed(gate: &Sidecar, token: &str, n: usize, pause: Duration) {
+    for i in 0..n {
+        assert_eq!(
+            get(gate, &format!("/r{i}"), token).await.status,
+            200,
+            "request {i}"
+        );
+        tokio::time::sleep(pause).await;
+    }
 }
 
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
-    let clerk = FakeClerk::start().await;
-    let upstream = CountingUpstream::start(Style::KeepAlive(None)).await;
-    let gate = start(&clerk, &upstream, "").await;
-    let token = clerk.session_token("user_1");
-    for i in 0..20 {
-        assert_eq!(get(&gate, &format!("/r{i}"), &token).await.status, 200);
-    }
+    let s = setup(Style::KeepAlive(None), "").await;
+    requests_succeed(&s.gate, &s.token, 20, Duration::ZERO).await;
     assert_eq!(
-        upstream.accepted(),
+        s.upstream.accepted(),
         1,
         "one keep-alive connection for all 20"
     );
-    gate.stop().await;
+    s.gate.stop().await;
 }
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
-    let clerk = FakeClerk::start().await;
-    let upstream = CountingUpstream::start(Style::KeepAlive(Some(Duration::from_millis(50)))).await;
-    let gate = start(&clerk, &upstream, "").await;
-    let token = clerk.session_token("user_1");
-    for i in 0..5 {
-        assert_eq!(
-            get(&gate, &format!("/r{i}"), &token).await.status,
-            200,
-            "request {i}"
-        );
-        // Longer than the upstream's keep-alive: the pooled connection is closed under us.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
+    let s = setup(Style::KeepAlive(Some(Duration::from_millis(50))), "").await;
+    // Pauses longer than the upstream's keep-alive: the pooled connection is closed under us.
+    requests_succeed(&s.gate, &s.token, 5, Duration::from_millis(150)).await;
     assert_eq!(
-        upstream.accepted(),
+        s.upstream.accepted(),
         5,
         "a fresh connection after each idle close"
     );
-    let upstream_errors = gate.metrics_text().await;
+    let upstream_errors = s.gate.metrics_text().await;
     assert!(
         !upstream_errors
             .lines()
             .any(|l| l.starts_with("clerkgate_upstream_errors_total{") && !l.ends_with(" 0")),
         "no upstream error counted:\n{upstream_errors}"
     );
-    gate.stop().await;
+    s.gate.stop().await;
 }
 
 #[tokio::test]
 async fn connection_close_answers_are_honoured() {
-    let clerk = FakeClerk::start().await;
-    let upstream = CountingUpstream::start(Style::CloseEach).await;
-    let gate = start(&clerk, &upstream, "").await;
-    let token = clerk.session_token("user_1");
-    for i in 0..5 {
-        // No pause: the next request may come before the proxy has seen the close.
-        assert_eq!(
-            get(&gate, &format!("/r{i}"), &token).await.status,
-            200,
-            "request {i}"
-        );
-    }
-    assert_eq!(upstream.accepted(), 5);
-    gate.stop().await;
+    let s = setup(Style::CloseEach, "").await;
+    // No pause: the next request may come before the proxy has seen the close.
+    requests_succeed(&s.gate, &s.token, 5, Duration::ZERO).await;
+    assert_eq!(s.upstream.accepted(), 5);
+    s.gate.stop().await;
 }
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout_and_bounded_by_max_idle() {
-    let clerk = FakeClerk::start().await;
-    let upstream = CountingUpstream::start(Style::KeepAlive(None)).await;
-    let gate = start(
-        &clerk,
-        &upstream,
+    let Setup {
+        _clerk,
+        upstream,
+        gate,
+        token,
+    } = setup(
+        Style::KeepAlive(None),
         "[proxy]\npool_idle_timeout_seconds = 1\npool_max_idle = 2\n",
     )
     .await;
-    let token = clerk.session_token("user_1");
     // Eight concurrent requests need eight connections; only two may stay idle afterwards.
     let requests = (0..8).map(|i| {
         let (gate, token) = (&gate, &token);
