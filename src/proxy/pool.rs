@@ -10,9 +10,21 @@
 //! Like hyper-util's client, a request that a reused connection refused before sending any of
 //! it (the upstream closed an idle keep-alive connection at that moment) is retried once on a
 //! fresh connection; nothing that may have reached the upstream is ever sent twice.
+//!
+//! A connection is lent to exactly one exchange and comes back only when both halves are over:
+//! the response body ended *and* the request body was read to its end. An upstream may answer
+//! before reading the body (a 404, a 413) while the client still trickles or withholds it; that
+//! connection is still busy writing, and lending it to the next request would make that
+//! request wait behind a stranger's upload until it times out. Such a connection is retired.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
@@ -53,8 +65,67 @@ impl PoolError {
     }
 }
 
+/// The client's request body on its way upstream, noting when it has been read to its end.
+/// A request without a body (most of them) needs no note and allocates nothing.
+pub struct RequestBody {
+    inner: Incoming,
+    done: Option<Arc<AtomicBool>>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming) -> (Self, Option<Arc<AtomicBool>>) {
+        let done = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        (
+            Self {
+                inner,
+                done: done.clone(),
+            },
+            done,
+        )
+    }
+
+    fn mark_done(&self) {
+        if let Some(done) = &self.done {
+            done.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.mark_done(),
+            // hyper stops polling once `is_end_stream` says so after a frame.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.mark_done(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.mark_done();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+type Sender = http1::SendRequest<RequestBody>;
+
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    sender: Sender,
     since: Instant,
 }
 
@@ -71,16 +142,28 @@ pub struct UpstreamPool {
     idle_timeout: Duration,
 }
 
-/// A connection lent to one exchange. Dropping it after the response body ended returns the
-/// connection to the pool; dropping it earlier (a body cut short, an upgrade) retires it.
+/// A connection lent to one exchange. Releasing it after the response body ended returns the
+/// connection to the pool if the request body has ended too; dropping it (a body cut short, an
+/// upgrade) retires it.
 pub struct Lease {
     pool: Weak<UpstreamPool>,
-    sender: Option<http1::SendRequest<Incoming>>,
+    sender: Option<Sender>,
+    /// Set once the request body was read to its end; `None` for a request without a body.
+    request_done: Option<Arc<AtomicBool>>,
 }
 
 impl Lease {
-    /// The response body ended: the connection may serve another request.
+    /// The response body ended: the connection may serve another request, unless the request
+    /// body is still being written on it (then it is closed instead).
     pub fn release(mut self) {
+        let request_done = self
+            .request_done
+            .as_ref()
+            .is_none_or(|d| d.load(Ordering::Acquire));
+        if !request_done {
+            tracing::debug!("upstream answered before the request body ended: connection retired");
+            return;
+        }
         if let (Some(sender), Some(pool)) = (self.sender.take(), self.pool.upgrade()) {
             pool.put(sender);
         }
@@ -139,7 +222,7 @@ impl UpstreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn put(&self, sender: http1::SendRequest<Incoming>) {
+    fn put(&self, sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -159,7 +242,7 @@ impl UpstreamPool {
     }
 
     /// The most recently used live connection, if any.
-    fn checkout(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn checkout(&self) -> Option<Sender> {
         let mut idle = self.lock();
         while let Some(c) = idle.pop() {
             if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
@@ -169,7 +252,7 @@ impl UpstreamPool {
         None
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, PoolError> {
+    async fn connect(&self) -> Result<Sender, PoolError> {
         let io = self
             .connector
             .clone()
@@ -192,8 +275,11 @@ impl UpstreamPool {
     /// of its connection.
     pub async fn request(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
+        let (parts, body) = req.into_parts();
+        let (body, request_done) = RequestBody::new(body);
+        let mut req = Request::from_parts(parts, body);
         // The upstream gets origin form; the connection already names scheme and authority.
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = None;
@@ -220,6 +306,7 @@ impl UpstreamPool {
                     let lease = Lease {
                         pool: Arc::downgrade(self),
                         sender: Some(sender),
+                        request_done,
                     };
                     return Ok((resp, lease));
                 }
