@@ -63,6 +63,11 @@ pub enum PathError {
     /// The percent-decoded bytes are not UTF-8, so there is no string to match rules against.
     #[error("request path does not decode to UTF-8")]
     NonUtf8,
+    /// A segment name ending in `.` or a space (`/admin./`, `/admin%20/`): Windows and IIS,
+    /// and several Java and Python stacks, drop those and serve `/admin/`, while the route
+    /// rules would see another name.
+    #[error("request path has a segment ending in a dot or a space")]
+    AmbiguousSegment,
 }
 
 impl PathError {
@@ -74,6 +79,7 @@ impl PathError {
             Self::EncodedSlash => "path-encoded-slash",
             Self::ControlCharacter => "path-control-character",
             Self::NonUtf8 => "path-non-utf8",
+            Self::AmbiguousSegment => "path-ambiguous-segment",
         }
     }
 }
@@ -152,7 +158,7 @@ fn is_canonical(bytes: &[u8]) -> bool {
     for (i, &b) in bytes.iter().enumerate().skip(1) {
         if b == b'/' {
             // An empty segment here is `//`; the last segment may be empty (trailing slash).
-            if matches!(&bytes[segment_start..i], b"" | b"." | b"..") {
+            if needs_slow_path(&bytes[segment_start..i]) {
                 return false;
             }
             segment_start = i + 1;
@@ -160,7 +166,14 @@ fn is_canonical(bytes: &[u8]) -> bool {
             return false;
         }
     }
-    !matches!(&bytes[segment_start..], b"." | b"..")
+    let last = &bytes[segment_start..];
+    last.is_empty() || !needs_slow_path(last)
+}
+
+/// Whether a closed segment (between slashes) needs the slow path: empty, a dot segment, or
+/// a name ending in `.` (which is refused there unless it is a dot segment).
+fn needs_slow_path(segment: &[u8]) -> bool {
+    segment.is_empty() || segment.last() == Some(&b'.')
 }
 
 fn borrow_if_same(raw: &str, built: String) -> Cow<'_, str> {
@@ -339,6 +352,9 @@ impl Output {
                     self.matching.truncate(at);
                 }
             }
+            name if matches!(name.last(), Some(b'.' | b' ')) => {
+                return Err(PathError::AmbiguousSegment);
+            }
             _ => {
                 // A real segment: both forms keep it, the matching form without its params.
                 self.matching.truncate(name_end);
@@ -396,7 +412,7 @@ mod tests {
             ("/a/b", same("/a/b")),
             ("/a/b/", same("/a/b/")),
             ("/a:b@c!$&'()*+,=/-._~", same("/a:b@c!$&'()*+,=/-._~")),
-            ("/a/.../..b/.c/b.", same("/a/.../..b/.c/b.")),
+            ("/a/..b/.c/b.d", same("/a/..b/.c/b.d")),
             ("/caf%C3%A9", ok("/caf%C3%A9", "/café")),
             ("/caf%c3%a9", ok("/caf%C3%A9", "/café")),
             ("/café", ok("/caf%C3%A9", "/café")),
@@ -458,6 +474,22 @@ mod tests {
                 ok("/admin%3Bx/secret", "/admin/secret"),
             ),
             ("/a%3bb", ok("/a%3Bb", "/a")),
+            // A name ending in a dot or a space is what Windows, IIS and several Java and
+            // Python stacks trim: refused rather than matched as another name.
+            ("/admin./secret", Err(PathError::AmbiguousSegment)),
+            ("/admin%2e/secret", Err(PathError::AmbiguousSegment)),
+            ("/admin%2E", Err(PathError::AmbiguousSegment)),
+            ("/admin%20/secret", Err(PathError::AmbiguousSegment)),
+            ("/admin /secret", Err(PathError::AmbiguousSegment)),
+            ("/admin.%20/secret", Err(PathError::AmbiguousSegment)),
+            ("/admin.;x/secret", Err(PathError::AmbiguousSegment)),
+            ("/admin%20;x/secret", Err(PathError::AmbiguousSegment)),
+            ("/a/.../b", Err(PathError::AmbiguousSegment)),
+            ("/a/..%20/b", Err(PathError::AmbiguousSegment)),
+            ("/public/x.", Err(PathError::AmbiguousSegment)),
+            ("/%20", Err(PathError::AmbiguousSegment)),
+            // Inside a name they are data.
+            ("/a.b/c%20d", ok("/a.b/c%20d", "/a.b/c d")),
             // Bad percent-encoding.
             ("/%zz", Err(PathError::BadPercentEncoding)),
             ("/%4", Err(PathError::BadPercentEncoding)),
@@ -567,7 +599,7 @@ mod tests {
             "/a",
             "/a/b/",
             "/public/index.html",
-            "/a/.../..b/.c",
+            "/a/..b/.c/b.d",
             "/a:b@c!$&'()*+,=-._~",
         ] {
             for slashes in [Reject, Decode] {
