@@ -108,6 +108,16 @@ pub struct WebhookProgress {
     pub delivered: bool,
 }
 
+/// The answer to "may I process this webhook id?".
+pub enum WebhookClaim {
+    /// This caller holds the claim until it calls [`SessionStore::release_webhook`]; the
+    /// progress is what earlier deliveries of the id completed.
+    Won(WebhookProgress),
+    /// Another caller holds the claim. The receiver's `changed()` returns (with an error)
+    /// when that claim is released: then claim again and read its outcome.
+    Busy(tokio::sync::watch::Receiver<()>),
+}
+
 /// The interface the proxy and the webhook handler use.
 pub trait SessionStore: Send + Sync {
     /// Denies a session id from now on.
@@ -123,6 +133,12 @@ pub trait SessionStore: Send + Sync {
     /// Progress of a webhook id (default when never seen).
     fn webhook_progress(&self, id: &str) -> WebhookProgress;
     fn set_webhook_progress(&self, id: &str, progress: WebhookProgress);
+    /// Claims a webhook id atomically: of concurrent deliveries of one id (Svix retries do
+    /// overlap) exactly one wins and acts; the others wait for its outcome. A shared store
+    /// must offer the same guarantee across replicas.
+    fn claim_webhook(&self, id: &str) -> WebhookClaim;
+    /// Records the winner's progress and releases its claim, waking the waiters.
+    fn release_webhook(&self, id: &str, progress: WebhookProgress);
     /// Denied sessions currently held (for the gauge).
     fn denied_sessions(&self) -> u64;
 }
@@ -133,6 +149,8 @@ pub struct InMemoryStore {
     users: moka::sync::Cache<String, u64>,
     statuses: moka::sync::Cache<String, Arc<str>>,
     webhooks: moka::sync::Cache<String, WebhookProgress>,
+    /// Webhook ids being processed now; dropping the sender wakes every waiter.
+    claims: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>,
     /// Set once anything was ever denied: until then the hot path skips both lookups.
     any_denied: AtomicBool,
 }
@@ -145,6 +163,7 @@ impl InMemoryStore {
             users: bounded(max_entries, duration),
             statuses: bounded(max_entries, duration),
             webhooks: bounded(max_entries, webhook_retention),
+            claims: std::sync::Mutex::new(std::collections::HashMap::new()),
             any_denied: AtomicBool::new(false),
         }
     }
@@ -214,6 +233,26 @@ impl SessionStore for InMemoryStore {
 
     fn set_webhook_progress(&self, id: &str, progress: WebhookProgress) {
         self.webhooks.insert(id.to_owned(), progress);
+    }
+
+    fn claim_webhook(&self, id: &str) -> WebhookClaim {
+        // Nothing panics under this lock; a poisoned map is still the set of claims.
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = claims.get(id) {
+            return WebhookClaim::Busy(held.subscribe());
+        }
+        claims.insert(id.to_owned(), tokio::sync::watch::Sender::new(()));
+        drop(claims);
+        WebhookClaim::Won(self.webhook_progress(id))
+    }
+
+    fn release_webhook(&self, id: &str, progress: WebhookProgress) {
+        // Progress first, so a waiter woken by the release reads the outcome.
+        self.set_webhook_progress(id, progress);
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     fn denied_sessions(&self) -> u64 {
@@ -449,5 +488,34 @@ mod tests {
         };
         s.set_webhook_progress("msg_1", p);
         assert_eq!(s.webhook_progress("msg_1"), p);
+    }
+
+    #[tokio::test]
+    async fn one_claim_per_webhook_id_and_waiters_see_the_outcome() {
+        let s = store();
+        let WebhookClaim::Won(first) = s.claim_webhook("msg_1") else {
+            panic!("the first claim wins");
+        };
+        assert_eq!(first, WebhookProgress::default());
+        let WebhookClaim::Busy(mut waiter) = s.claim_webhook("msg_1") else {
+            panic!("a second claim while the first is held must wait");
+        };
+        assert!(
+            matches!(s.claim_webhook("msg_2"), WebhookClaim::Won(_)),
+            "other ids are independent"
+        );
+        let done = WebhookProgress {
+            applied: true,
+            delivered: true,
+        };
+        s.release_webhook("msg_1", done);
+        tokio::time::timeout(Duration::from_secs(1), waiter.changed())
+            .await
+            .expect("the release wakes the waiter")
+            .expect_err("the claim's sender is gone");
+        let WebhookClaim::Won(after) = s.claim_webhook("msg_1") else {
+            panic!("released: the next claim wins");
+        };
+        assert_eq!(after, done, "and reads the winner's outcome");
     }
 }

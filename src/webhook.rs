@@ -22,7 +22,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Secret};
-use crate::sessions::Guard;
+use crate::sessions::{Guard, SessionStore, WebhookClaim, WebhookProgress};
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
 use signature::{SignatureError, WebhookSecret};
 
@@ -104,6 +104,9 @@ pub struct Webhooks {
     max_body: usize,
     tolerance: i64,
     forwarder: Option<Forwarder>,
+    /// How long a delivery waits for another delivery of the same id before answering 409
+    /// (Svix then retries): Svix gives an endpoint 15 s.
+    claim_wait: Duration,
     sessions: Arc<Guard>,
     metrics: Arc<Metrics>,
 }
@@ -171,7 +174,14 @@ impl Webhooks {
                 })
             }
         };
+        let claim_wait = forwarder
+            .as_ref()
+            .map_or(Duration::from_secs(5), |f| {
+                f.timeout + Duration::from_secs(2)
+            })
+            .min(Duration::from_secs(15));
         Ok(Self {
+            claim_wait,
             secret,
             path: w.path.clone(),
             max_body: w.max_body_bytes,
@@ -263,9 +273,34 @@ impl Webhooks {
             return self.refuse(result, e.status(), e.as_label());
         }
 
-        // Verified from here on.
+        // Verified from here on. Concurrent deliveries of one id (Svix retries overlap) act one
+        // at a time: the first claims the id, the others wait for its outcome and then either
+        // find the work done (`duplicate`) or, after a failed forward, take their turn.
         let store = self.sessions.store();
-        let mut progress = store.webhook_progress(delivery.id);
+        let mut claim = loop {
+            match store.claim_webhook(delivery.id) {
+                WebhookClaim::Won(progress) => {
+                    break Claim {
+                        store: store.as_ref(),
+                        id: delivery.id,
+                        progress,
+                    };
+                }
+                WebhookClaim::Busy(mut released) => {
+                    if tokio::time::timeout(self.claim_wait, released.changed())
+                        .await
+                        .is_err()
+                    {
+                        return self.refuse(
+                            WebhookResult::InProgress,
+                            StatusCode::CONFLICT,
+                            "webhook-in-progress",
+                        );
+                    }
+                }
+            }
+        };
+        let progress = &mut claim.progress;
         let needs_delivery = self.forwarder.is_some() && !progress.delivered;
         if progress.applied && !needs_delivery {
             let kind = events::event_type(&body).unwrap_or(WebhookEventType::Other);
@@ -292,7 +327,6 @@ impl Webhooks {
                 .revoked_sessions
                 .set(store.denied_sessions() as i64);
             progress.applied = true;
-            store.set_webhook_progress(delivery.id, progress);
             tracing::info!(event = event.kind.as_label_str(), "webhook applied");
         }
         if let Some(forwarder) = &self.forwarder
@@ -306,7 +340,6 @@ impl Webhooks {
                 return reply(StatusCode::BAD_GATEWAY, "reason", "webhook-forward-failed");
             }
             progress.delivered = true;
-            store.set_webhook_progress(delivery.id, progress);
         }
         let result = if duplicate {
             WebhookResult::Duplicate
@@ -319,6 +352,20 @@ impl Webhooks {
             "status",
             if duplicate { "duplicate" } else { "processed" },
         )
+    }
+}
+
+/// A held webhook claim; dropping it (the delivery finished, failed, or its client went away
+/// mid-way) records the progress made and releases the id for the next delivery.
+struct Claim<'a> {
+    store: &'a dyn SessionStore,
+    id: &'a str,
+    progress: WebhookProgress,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.store.release_webhook(self.id, self.progress);
     }
 }
 
