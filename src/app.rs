@@ -107,15 +107,18 @@ impl App {
             config.auth.clock_skew_ms,
             config.auth.pending_as_signed_out,
         );
-        let auth = Arc::new(Authenticator::new(
-            verifier,
-            keys.clone(),
-            TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms)
-                .with_eviction_counter(metrics.token_cache_evictions.clone()),
-            IdentityBuilder::new(&config.headers)
-                .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
-            metrics.clone(),
-        ));
+        let auth = Arc::new(
+            Authenticator::new(
+                verifier,
+                keys.clone(),
+                TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms)
+                    .with_eviction_counter(metrics.token_cache_evictions.clone()),
+                IdentityBuilder::new(&config.headers)
+                    .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
+                metrics.clone(),
+            )
+            .with_max_token_bytes(config.auth.max_token_bytes),
+        );
         let store: Arc<dyn SessionStore> = Arc::new(InMemoryStore::new(
             Duration::from_secs(config.sessions.duration_seconds),
             config.sessions.max_entries,

@@ -43,7 +43,14 @@ pub struct Config {
     pub accept_cookie: bool,
     /// Most verified tokens remembered at once.
     pub token_cache_capacity: u64,
+    /// Longest token accepted, in bytes; longer ones are refused as `token-too-large` before
+    /// any hashing or decoding. At most `proxy.max_header_bytes`.
+    pub max_token_bytes: usize,
 }
+
+/// Clerk's SDK sets no limit of its own; custom claims make tokens grow past the 4 KB a cookie
+/// holds when they travel in `Authorization`. 64 KiB is the default `proxy.max_header_bytes`.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 64 * 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -55,6 +62,7 @@ impl Default for Config {
             forward_token: false,
             accept_cookie: true,
             token_cache_capacity: 100_000,
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
         }
     }
 }
@@ -65,6 +73,12 @@ impl Config {
             return Err(ConfigError::new(
                 "auth.clock_skew_ms",
                 "more than 5 minutes of skew defeats expiry checks",
+            ));
+        }
+        if self.max_token_bytes < 1024 {
+            return Err(ConfigError::new(
+                "auth.max_token_bytes",
+                "must be at least 1024 (a Clerk session token alone is close to that)",
             ));
         }
         Ok(())
@@ -86,6 +100,8 @@ pub enum AuthError {
     Missing,
     #[error("malformed token")]
     Invalid,
+    #[error("token longer than auth.max_token_bytes")]
+    TooLarge,
     #[error("algorithm not allowed or not the key's")]
     InvalidAlgorithm,
     #[error("not a session token")]
@@ -128,6 +144,7 @@ impl AuthError {
         match self {
             Self::Missing => AuthFailure::SessionTokenMissing,
             Self::Invalid => AuthFailure::TokenInvalid,
+            Self::TooLarge => AuthFailure::TokenTooLarge,
             Self::InvalidAlgorithm => AuthFailure::TokenInvalidAlgorithm,
             Self::TypeMismatch => AuthFailure::TokenTypeMismatch,
             Self::InvalidSignature => AuthFailure::TokenInvalidSignature,
@@ -164,6 +181,7 @@ pub struct Authenticator {
     pub cache: cache::TokenCache,
     pub builder: identity::IdentityBuilder,
     metrics: Arc<Metrics>,
+    max_token_bytes: usize,
 }
 
 impl Authenticator {
@@ -180,12 +198,22 @@ impl Authenticator {
             cache,
             builder,
             metrics,
+            max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
         }
+    }
+
+    /// Refuse tokens longer than `max` bytes (`auth.max_token_bytes`).
+    pub fn with_max_token_bytes(mut self, max: usize) -> Self {
+        self.max_token_bytes = max;
+        self
     }
 
     /// Verifies one token found in a request. The cookie rules (`__client_uat`) are applied by
     /// the caller with [`token::check_client_uat`], since they depend on where the token was.
     pub async fn authenticate(&self, token: &str, now_ms: u64) -> Result<Arc<Identity>, AuthError> {
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLarge);
+        }
         let cache_key = cache::TokenCache::key(token);
         if let Some(identity) = self.cache.get(&cache_key) {
             // A hit is trusted only while it could still be verified now: within `exp` plus

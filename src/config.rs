@@ -231,6 +231,15 @@ impl Config {
         self.webhooks.validate()?;
         self.sessions.validate()?;
         self.local_api.validate(self)?;
+        if self.auth.max_token_bytes > self.proxy.max_header_bytes {
+            return Err(ConfigError::new(
+                "auth.max_token_bytes",
+                format!(
+                    "must not exceed proxy.max_header_bytes ({}): a longer token never arrives",
+                    self.proxy.max_header_bytes
+                ),
+            ));
+        }
         if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
             return Err(ConfigError::new(
                 "sessions.check",

@@ -425,11 +425,11 @@ async fn duplicate_members_are_read_as_the_last_one_everywhere() {
 #[tokio::test]
 async fn oversized_tokens_are_refused_without_being_decoded() {
     let env = Env::start("[proxy]\nmax_header_bytes = 262144\n").await;
-    // A genuinely signed token that is merely too big: the length cap, not the signature,
-    // refuses it.
+    // A genuinely signed token that is merely too big: the length cap (auth.max_token_bytes,
+    // 64 KiB by default), not the signature, refuses it.
     let mut claims = env.clerk.claims("user_1");
-    claims["pad"] = json!("a".repeat(17 * 1024));
-    let signed_17k = env.clerk.mint(claims);
+    claims["pad"] = json!("a".repeat(70 * 1024));
+    let signed_70k = env.clerk.mint(claims);
     let shapes_100k = format!(
         "{}.{}.{}",
         "a".repeat(40_000),
@@ -437,15 +437,20 @@ async fn oversized_tokens_are_refused_without_being_decoded() {
         "c".repeat(20_000)
     );
     for (case, token) in [
-        ("17 KB signed token", &signed_17k),
+        ("70 KB signed token", &signed_70k),
         ("100 KB token", &shapes_100k),
     ] {
-        expect_refused(&env, case, token, 401, "token-invalid").await;
+        expect_refused(&env, case, token, 401, "token-too-large").await;
         // The same in a session cookie.
         let before = env.upstream.count();
         let cookie = format!("__session={token}; __client_uat=1");
         let reply = env.get("/orders", None, &[("cookie", &cookie)]).await;
-        assert_refused(&reply, 401, "token-invalid", &format!("{case} as a cookie"));
+        assert_refused(
+            &reply,
+            401,
+            "token-too-large",
+            &format!("{case} as a cookie"),
+        );
         assert_eq!(env.upstream.count(), before);
     }
     env.stop().await;
