@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -257,6 +257,8 @@ pub struct Proxy {
     webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
+    /// `headers.strip_request`, normalised (lower-case, `_` as `-`).
+    strip_request: Vec<String>,
     cookies: CookieNames,
     spoof: SpoofPolicy,
     forward_token: bool,
@@ -326,6 +328,12 @@ impl Proxy {
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
+            strip_request: config
+                .headers
+                .strip_request
+                .iter()
+                .map(|n| crate::auth::identity::normalise_name(n))
+                .collect(),
             auth,
             sessions,
             webhooks,
@@ -357,7 +365,10 @@ impl Proxy {
         // Logged without the query string, which may carry secrets.
         let log_line = tracing::enabled!(tracing::Level::DEBUG)
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let (resp, outcome) = if self.webhooks.matches(req.uri().path()) {
+        let (resp, outcome) = if req.method() == Method::CONNECT {
+            // A CONNECT tunnel would carry anything past every check (RFC 9110 section 9.3.6).
+            self.reject(Rejection::MethodNotAllowed)
+        } else if self.webhooks.matches(req.uri().path()) {
             // Verified by its Svix signature, not by a session token.
             (
                 self.webhooks.handle(req).await.map(Either::Right),
@@ -489,8 +500,21 @@ impl Proxy {
         // Two Host lines leave the upstream's virtual host to whichever it reads (RFC 9112
         // section 3.2: a 400).
         let mut hosts = parts.headers.get_all(header::HOST).iter();
-        if hosts.next().is_some() && hosts.next().is_some() {
+        let first_host = hosts.next();
+        if first_host.is_some() && hosts.next().is_some() {
             return self.reject(Rejection::DuplicateHost);
+        }
+        // HTTP/2's `:authority` must name the same host as `Host` (RFC 9113 section 8.3.1):
+        // forwarding either one would let the two disagree about which site was authorised.
+        // (An HTTP/1.1 absolute-form target keeps its documented rule: routes go by its path
+        // and the upstream gets one `Host`.)
+        if parts.version == Version::HTTP_2
+            && let (Some(host), Some(authority)) = (first_host, parts.uri.authority())
+            && !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return self.reject(Rejection::AuthorityMismatch);
         }
         let route = self.policy.route(&normalized.matching);
         let identity = match self.decide(&parts.headers, &route).await {
@@ -508,9 +532,14 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let upgrade = headers::wants_upgrade(&parts.headers) && parts.version == Version::HTTP_11;
+        // Only a WebSocket handshake (GET over HTTP/1.1) may become a tunnel; every other
+        // `Upgrade` is removed and the request goes on as a plain one.
+        let websocket = parts.method == Method::GET
+            && parts.version == Version::HTTP_11
+            && headers::is_websocket_upgrade(&parts.headers);
         let h = &mut parts.headers;
-        headers::strip_hop_by_hop(h, upgrade);
+        headers::strip_hop_by_hop(h, websocket);
+        headers::strip_listed(h, &self.strip_request);
         if !self.forward_token {
             headers::strip_token(h, &self.cookies);
         }
@@ -542,7 +571,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let mut req = Request::from_parts(parts, body);
 
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let resp = match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await
         {
             Ok(Ok(resp)) => resp,
@@ -557,9 +586,17 @@ impl Proxy {
             Err(_) => return self.reject(Rejection::Upstream(UpstreamErrorKind::Timeout)),
         };
         let (mut resp, lease) = resp;
-        if let Some(client_upgrade) = client_upgrade
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // A 101 to anything but the WebSocket handshake we forwarded would make the
+            // connection a tunnel nobody authorised: refuse it, and drop (never pool) the
+            // upstream connection, which has switched protocols.
+            let Some(client_upgrade) =
+                client_upgrade.filter(|_| headers::switched_to_websocket(resp.headers()))
+            else {
+                drop(lease);
+                tracing::debug!("upstream switched protocols without a WebSocket handshake");
+                return self.reject(Rejection::Upstream(UpstreamErrorKind::Protocol));
+            };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             // The connection becomes the tunnel: never back to the pool (the lease goes with
             // the tunnel and is dropped, not released, when it ends).

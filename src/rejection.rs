@@ -32,6 +32,11 @@ pub enum Rejection {
     ClientBody,
     /// The proxy is shutting down and cannot start this request.
     Draining,
+    /// `Host` names another host than the request target's authority (HTTP/2 `:authority`,
+    /// HTTP/1.1 absolute form).
+    AuthorityMismatch,
+    /// `CONNECT`: clerkgate is not a forward proxy and never opens a raw tunnel.
+    MethodNotAllowed,
 }
 
 impl Rejection {
@@ -43,6 +48,7 @@ impl Rejection {
                 }
                 AuthError::Missing
                 | AuthError::Invalid
+                | AuthError::TooLarge
                 | AuthError::InvalidAlgorithm
                 | AuthError::TypeMismatch
                 | AuthError::InvalidSignature
@@ -64,7 +70,9 @@ impl Rejection {
             | Self::SpoofedHeader
             | Self::ForwardAuthUri(_)
             | Self::DuplicateHost
+            | Self::AuthorityMismatch
             | Self::ClientBody => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Upstream(kind) => match kind {
                 UpstreamErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamErrorKind::Connect
@@ -93,6 +101,8 @@ impl Rejection {
             },
             Self::DuplicateHost => "duplicate-host",
             Self::ClientBody => "bad-request-body",
+            Self::AuthorityMismatch => "host-authority-mismatch",
+            Self::MethodNotAllowed => "method-not-allowed",
             Self::Draining => "shutting-down",
         }
     }
@@ -107,6 +117,8 @@ impl Rejection {
             | Self::SpoofedHeader
             | Self::ForwardAuthUri(_)
             | Self::DuplicateHost
+            | Self::AuthorityMismatch
+            | Self::MethodNotAllowed
             | Self::ClientBody => Outcome::BadRequest,
             Self::Upstream(_) => Outcome::UpstreamError,
         }
@@ -117,6 +129,7 @@ impl Rejection {
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::FORBIDDEN => "forbidden",
             StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::BAD_GATEWAY => "bad_gateway",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
             _ => "unavailable",
@@ -164,10 +177,17 @@ impl Rejection {
                     ),
                 );
             }
+            Self::MethodNotAllowed => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
             Self::Path(_)
             | Self::SpoofedHeader
             | Self::ForwardAuthUri(_)
             | Self::DuplicateHost
+            | Self::AuthorityMismatch
             | Self::ClientBody
             | Self::Upstream(_) => {}
         }

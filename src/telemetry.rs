@@ -144,6 +144,8 @@ label_enum! {
         TooLarge => "too_large",
         Unconfigured => "unconfigured",
         ForwardFailed => "forward_failed",
+        /// Another delivery of the same id held the claim for longer than we wait.
+        InProgress => "in_progress",
     }
 }
 
@@ -236,6 +238,7 @@ label_enum! {
     pub enum AuthFailure {
         SessionTokenMissing => "session-token-missing",
         TokenInvalid => "token-invalid",
+        TokenTooLarge => "token-too-large",
         TokenInvalidAlgorithm => "token-invalid-algorithm",
         TokenTypeMismatch => "token-type-mismatch",
         TokenInvalidSignature => "token-invalid-signature",

@@ -46,7 +46,30 @@ pub struct HeadersConfig {
     /// Claim path (dotted, e.g. `public_metadata.plan`) to header name. Arrays are joined with
     /// commas, objects sent as JSON.
     pub claims: BTreeMap<String, String>,
+    /// Headers removed from every proxied request (any case, `_` as `-`): the ones some
+    /// frameworks obey to serve another path or method than the one clerkgate authorised.
+    pub strip_request: Vec<String>,
 }
+
+/// The default of `headers.strip_request`: headers some frameworks obey to re-route a request
+/// (`X-Original-URL` and `X-Rewrite-URL` in Symfony, IIS and some Java stacks; `X-Forwarded-Uri`,
+/// `X-Original-URI`, `X-Forwarded-Prefix` and `X-Forwarded-Path` in apps behind ingresses) or to
+/// change its method (`X-HTTP-Method-Override` and its spellings in Express, Rails, Spring,
+/// ASP.NET). Route rules are matched on the request's own method and path, so a client must not
+/// be able to make the upstream serve another one.
+pub const DEFAULT_STRIP_REQUEST: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-forwarded-uri",
+    "x-original-uri",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-original-method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 impl Default for HeadersConfig {
     fn default() -> Self {
@@ -62,6 +85,10 @@ impl Default for HeadersConfig {
             forward_claims: true,
             reserved: Vec::new(),
             claims: BTreeMap::new(),
+            strip_request: DEFAULT_STRIP_REQUEST
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -118,6 +145,9 @@ impl HeadersConfig {
         }
         for (i, name) in self.reserved.iter().enumerate() {
             check(&format!("headers.reserved[{i}]"), name)?;
+        }
+        for (i, name) in self.strip_request.iter().enumerate() {
+            check(&format!("headers.strip_request[{i}]"), name)?;
         }
         for (path, name) in &self.claims {
             check(&format!("headers.claims.{path}"), name)?;

@@ -60,8 +60,10 @@ pub fn strip_reserved(headers: &mut HeaderMap, reserved: &[String]) -> usize {
 }
 
 /// Headers that apply to one connection only (RFC 9110 section 7.6.1), plus the obsolete
-/// `Proxy-Connection` and the proxy credentials that are meant for us, not the next hop.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// `Proxy-Connection`, the proxy credentials that are meant for us, not the next hop, and
+/// `HTTP2-Settings`, the connection-specific companion of an `h2c` upgrade (RFC 7540
+/// section 3.2.1), which is never forwarded.
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -71,11 +73,13 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
-/// Removes hop-by-hop headers, including those named in `Connection`. With `keep_upgrade`
-/// (a WebSocket handshake being forwarded) `Upgrade` and `Connection: upgrade` are kept.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// Removes hop-by-hop headers, including those named in `Connection`. With `websocket` (a
+/// WebSocket handshake being forwarded, see [`is_websocket_upgrade`]) the request then carries
+/// exactly `Upgrade: websocket` and `Connection: upgrade`; any other upgrade never leaves here.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
     // Most requests and responses carry none: one pass over the names (standard names compare
     // as integers) instead of a hashed removal per hop-by-hop name.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
@@ -87,34 +91,113 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
         .collect();
     for name in listed {
         headers.remove(&name);
     }
-    let upgrade = if keep_upgrade {
-        headers.remove(header::UPGRADE)
-    } else {
-        None
-    };
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    if let Some(upgrade) = upgrade {
-        headers.insert(header::UPGRADE, upgrade);
+    if websocket {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
-/// Whether a request asks for a protocol upgrade (WebSocket).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
+/// Whether the comma-separated tokens of every `name` header, taken together, are exactly one
+/// token equal to `token` (ASCII case-insensitive).
+fn only_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    let mut seen = false;
+    for value in headers.get_all(name) {
+        let Ok(value) = value.to_str() else {
+            return false;
+        };
+        for t in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if seen || !t.eq_ignore_ascii_case(token) {
+                return false;
+            }
+            seen = true;
+        }
+    }
+    seen
+}
+
+/// Whether a request is a WebSocket opening handshake (RFC 6455 section 4.1): `Connection`
+/// lists `upgrade` and `Upgrade` is exactly `websocket`. The caller also requires `GET` over
+/// HTTP/1.1. Every other upgrade (`h2c`, `TLS/1.x`, anything unknown) would turn the connection
+/// into a tunnel that skips verification for every request after it, so it is never forwarded.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && only_token(headers, &header::UPGRADE, "websocket")
+}
+
+/// Whether an upstream's `101 Switching Protocols` switched to WebSocket and nothing else.
+pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+    only_token(headers, &header::UPGRADE, "websocket")
+}
+
+/// Whether `name` equals one of `list` (each already lower-case with `_` as `-`), compared
+/// case-insensitively with `_` and `-` alike.
+fn in_normalised(name: &HeaderName, list: &[String]) -> bool {
+    let bytes = name.as_str().as_bytes();
+    list.iter().any(|r| eq_normalised(bytes, r.as_bytes()))
+}
+
+/// Removes every header named in `list` (normalised names, see [`in_normalised`]); returns how
+/// many names were present. Allocation-free unless something has to be removed.
+pub fn strip_listed(headers: &mut HeaderMap, list: &[String]) -> usize {
+    if list.is_empty() || !headers.keys().any(|n| in_normalised(n, list)) {
+        return 0;
+    }
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| in_normalised(n, list))
+        .cloned()
+        .collect();
+    for name in &found {
+        headers.remove(name);
+    }
+    found.len()
+}
+
+/// Client-IP headers other than `X-Forwarded-*` that frameworks and log pipelines read as the
+/// client's address (nginx `real_ip`, Cloudflare, Akamai, Fastly, Rails, Django middleware).
+/// Without `proxy.trust_forwarded_headers` a client must not choose them: `X-Real-IP` is set to
+/// the peer, the rest are removed. Normalised form (lower-case, `-`).
+const CLIENT_IP: &[&str] = &[
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "cf-connecting-ip",
+    "x-cluster-client-ip",
+    "fastly-client-ip",
+    "client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "forwarded",
+];
+
+/// Whether a (normalised) name belongs to the forwarding family a client may not set when the
+/// peer is not trusted: every `x-forwarded-*` (for, proto, host, port, ssl, scheme, server, ...)
+/// and the client-IP headers above, in every spelling (`X_Real_IP` reaches PHP and CGI
+/// applications as the same variable as `X-Real-IP`).
+fn is_forwarding(name: &HeaderName) -> bool {
+    const PREFIX: &[u8] = b"x-forwarded-";
+    let bytes = name.as_str().as_bytes();
+    (bytes.len() > PREFIX.len()
+        && bytes[..PREFIX.len()]
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            .zip(PREFIX)
+            .all(|(a, b)| fold(*a) == *b))
+        || CLIENT_IP.iter().any(|r| eq_normalised(bytes, r.as_bytes()))
 }
 
 /// Removes the token from the request: `Authorization` and the session cookies. Other cookies
@@ -162,10 +245,13 @@ pub fn strip_token(headers: &mut HeaderMap, cookies: &CookieNames) {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Sets `X-Forwarded-For/Proto/Host`. With `trust` (clerkgate behind a load balancer that sets
-/// them) existing values are kept and the peer is appended; otherwise client-sent values, and
-/// `Forwarded`, are replaced, since anyone can send them.
+/// Sets `X-Forwarded-For/Proto/Host` and `X-Real-IP`. With `trust` (clerkgate behind a load
+/// balancer that sets them) existing values are kept, the peer is appended to
+/// `X-Forwarded-For` and `Forwarded` (RFC 7239 section 4: one element per hop); otherwise every
+/// client-sent forwarding header, in every spelling (see [`is_forwarding`]), is removed first,
+/// since anyone can send them, and only clerkgate's own values reach the upstream.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: &HeaderValue,
@@ -173,6 +259,36 @@ pub fn set_forwarded(
     host: Option<HeaderValue>,
     trust: bool,
 ) {
+    if !trust && headers.keys().any(is_forwarding) {
+        let found: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_forwarding(n))
+            .cloned()
+            .collect();
+        for name in &found {
+            headers.remove(name);
+        }
+    }
+    if trust && let Some(prev) = headers.get(header::FORWARDED) {
+        // `for=` takes a node: an IPv6 address is quoted and bracketed (RFC 7239 section 6).
+        let ip = peer.as_bytes();
+        let mut joined = Vec::with_capacity(prev.len() + ip.len() + 12);
+        joined.extend_from_slice(prev.as_bytes());
+        joined.extend_from_slice(b", for=");
+        if ip.contains(&b':') {
+            joined.extend_from_slice(b"\"[");
+            joined.extend_from_slice(ip);
+            joined.extend_from_slice(b"]\"");
+        } else {
+            joined.extend_from_slice(ip);
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+    if !trust || !headers.contains_key(&X_REAL_IP) {
+        headers.insert(X_REAL_IP.clone(), peer.clone());
+    }
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(prev) if trust => {
             let mut joined = Vec::with_capacity(prev.len() + 2 + peer.len());
@@ -199,9 +315,6 @@ pub fn set_forwarded(
                 headers.remove(&X_FORWARDED_HOST);
             }
         }
-    }
-    if !trust {
-        headers.remove(header::FORWARDED);
     }
 }
 
@@ -273,11 +386,82 @@ mod tests {
             h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             vec!["accept"]
         );
-        let mut ws = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(wants_upgrade(&ws));
+        let mut ws = map(&[("connection", "Upgrade"), ("upgrade", "WebSocket")]);
+        assert!(is_websocket_upgrade(&ws));
         strip_hop_by_hop(&mut ws, true);
         assert_eq!(ws.get("upgrade").unwrap(), "websocket");
         assert_eq!(ws.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_one() {
+        for (connection, upgrade) in [
+            ("Upgrade", "websocket"),
+            ("keep-alive, upgrade", "WEBSOCKET"),
+            ("upgrade", " websocket "),
+        ] {
+            let h = map(&[("connection", connection), ("upgrade", upgrade)]);
+            assert!(is_websocket_upgrade(&h), "{connection} / {upgrade}");
+        }
+        for (connection, upgrade) in [
+            ("Upgrade, HTTP2-Settings", "h2c"),
+            ("upgrade", "TLS/1.2"),
+            ("upgrade", "websocket, h2c"),
+            ("upgrade", "h2c, websocket"),
+            ("upgrade", "websocket/13"),
+            ("upgrade", ""),
+            ("keep-alive", "websocket"),
+        ] {
+            let h = map(&[("connection", connection), ("upgrade", upgrade)]);
+            assert!(!is_websocket_upgrade(&h), "{connection} / {upgrade}");
+        }
+        let two = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!is_websocket_upgrade(&two), "a second Upgrade line");
+        assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn an_h2c_upgrade_loses_upgrade_settings_and_connection() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["accept"]
+        );
+        // Not listed in Connection: still connection-specific, still removed.
+        let mut h = map(&[("http2-settings", "AAMAAABk"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("http2-settings"));
+    }
+
+    #[test]
+    fn listed_headers_go_in_every_spelling() {
+        let list: Vec<String> = crate::auth::identity::DEFAULT_STRIP_REQUEST
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut h = map(&[
+            ("x-original-url", "/admin"),
+            ("X_Rewrite_URL", "/admin"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("accept", "*/*"),
+        ]);
+        assert_eq!(strip_listed(&mut h, &list), 4);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, vec!["accept", "x-forwarded-for"]);
+        assert_eq!(strip_listed(&mut h, &[]), 0);
     }
 
     #[test]
@@ -327,6 +511,7 @@ mod tests {
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "app.example");
+        assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.9");
         assert!(!h.contains_key("forwarded"));
         let mut h = map(&[
             ("x-forwarded-for", "1.2.3.4"),
@@ -335,5 +520,67 @@ mod tests {
         set_forwarded(&mut h, &ip, false, None, true);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn untrusted_client_ip_headers_go_in_every_spelling() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let mut h = map(&[
+            ("x-real-ip", "1.1.1.1"),
+            ("X_Real_IP", "1.1.1.2"),
+            ("true-client-ip", "1.1.1.3"),
+            ("x-client-ip", "1.1.1.4"),
+            ("cf-connecting-ip", "1.1.1.5"),
+            ("X_Forwarded_For", "1.1.1.6"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-ssl", "on"),
+            ("forwarded", "for=1.1.1.7"),
+            ("accept", "*/*"),
+        ]);
+        set_forwarded(&mut h, &ip, false, None, false);
+        let mut left: Vec<String> = h
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap()))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                "accept=*/*",
+                "x-forwarded-for=10.0.0.9",
+                "x-forwarded-proto=http",
+                "x-real-ip=10.0.0.9",
+            ]
+        );
+    }
+
+    #[test]
+    fn trusted_forwarded_gets_this_hop_appended() {
+        let mut h = map(&[("forwarded", "for=203.0.113.7;proto=https")]);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.9"),
+            false,
+            None,
+            true,
+        );
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=203.0.113.7;proto=https, for=10.0.0.9"
+        );
+        let mut h = map(&[
+            ("forwarded", "for=203.0.113.7"),
+            ("x-real-ip", "203.0.113.7"),
+        ]);
+        set_forwarded(&mut h, &HeaderValue::from_static("::1"), false, None, true);
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=203.0.113.7, for=\"[::1]\""
+        );
+        assert_eq!(
+            h.get("x-real-ip").unwrap(),
+            "203.0.113.7",
+            "kept when trusted"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod support;
 // azp, pending sessions, basic time claims, the usual path tricks, spoofed headers in the
 // usual spellings, one CR/LF claim); this binary adds what it does not.
 
+mod edges;
 mod headers;
 mod kit;
 mod paths;
