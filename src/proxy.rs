@@ -7,6 +7,7 @@
 //! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
 //! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
 
+pub mod answer;
 pub mod forward;
 pub mod headers;
 pub mod path;
@@ -266,6 +267,8 @@ pub struct Proxy {
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
     forward_auth_uri_source: UriSource,
+    /// What a forward-auth answer lists in `x-envoy-auth-headers-to-remove`.
+    remove_list: answer::RemoveList,
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
@@ -326,6 +329,7 @@ impl Proxy {
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
+            remove_list: answer::RemoveList::new(auth.builder.reserved()),
             auth,
             sessions,
             webhooks,
@@ -583,10 +587,8 @@ impl Proxy {
         )
     }
 
-    /// The forward-auth answer: 200 with identity headers, or the refusal. The original
-    /// request's URI comes from `X-Forwarded-Uri` (Traefik), `X-Original-URI` (nginx), or the
-    /// path below the endpoint (Envoy's `path_prefix`).
-    /// The original request's URI for forward-auth. Each ingress sets one source itself and
+    /// The original request's URI for forward-auth: `X-Forwarded-Uri` (Traefik),
+    /// `X-Original-URI` (nginx), or the path below the endpoint (Envoy's `path_prefix`). Each ingress sets one source itself and
     /// passes the client's other headers through, so a client could add a second, different
     /// one: with `auto`, every source present must agree, and a disagreement is refused.
     fn original_uri(&self, req: &Request<Incoming>) -> Result<String, Rejection> {
@@ -631,6 +633,8 @@ impl Proxy {
         }
     }
 
+    /// The forward-auth answer: 200 with the identity headers, the token headers the app may
+    /// see and `x-envoy-auth-headers-to-remove` (see [`answer`]), or the refusal.
     async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
         let original = match self.original_uri(&req) {
             Ok(uri) => uri,
@@ -641,6 +645,15 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.reject(Rejection::Path(e)),
         };
+        // Reserved only by spelling or prefix (`x_user_id`, `x-clerk-anything`): the ingress
+        // cannot know these names, so the answer names them. Empty (no allocation) normally.
+        let extra: Vec<http::HeaderName> = req
+            .headers()
+            .keys()
+            .filter(|n| headers::is_reserved(n.as_str(), &self.reserved))
+            .filter(|n| !self.remove_list.manages(n))
+            .cloned()
+            .collect();
         if let Err(r) = self.strip_spoofed(req.headers_mut()) {
             return self.reject(r);
         }
@@ -650,11 +663,26 @@ impl Proxy {
             Decision::Allow(identity) => {
                 let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
                 *resp.status_mut() = StatusCode::OK;
-                resp.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let h = resp.headers_mut();
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(&self.auth.builder, resp.headers_mut());
+                    allowed.insert_headers(&self.auth.builder, h);
                 }
+                // The token reaches the app only with `auth.forward_token`: the answer carries
+                // what the app may see of `Authorization` and `Cookie`, and the ingress sets
+                // (nginx, Traefik) or removes (Envoy) them from the answer.
+                if self.forward_token {
+                    if let Some(authorization) = req.headers().get(header::AUTHORIZATION) {
+                        h.insert(header::AUTHORIZATION, authorization.clone());
+                    }
+                } else {
+                    headers::strip_token(req.headers_mut(), &self.cookies);
+                }
+                if let Some(cookies) = answer::joined_cookies(req.headers()) {
+                    h.insert(header::COOKIE, cookies);
+                }
+                let remove = self.remove_list.value(h, &extra);
+                h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
                 (resp, Outcome::ForwardAuthAllowed)
             }
         }
