@@ -408,11 +408,11 @@ struct World {
     gate: Sidecar,
 }
 
-async fn world() -> World {
+async fn world(extra: &str) -> World {
     let clerk = FakeClerk::start().await;
     let app = Upstream::start().await;
     let behind_gate = Upstream::start().await;
-    let gate = Sidecar::start(&clerk, &behind_gate, ROUTES).await;
+    let gate = Sidecar::start(&clerk, &behind_gate, &format!("{ROUTES}\n{extra}")).await;
     World {
         clerk,
         app,
@@ -600,6 +600,28 @@ async fn exercise(proxy_name: &str, proxy: SocketAddr, w: &World) {
     )
     .await;
 
+    // A POST with a body: the forward-auth request goes without it, the app gets it whole.
+    let before = w.app.count();
+    let status = client()
+        .post(format!("http://{proxy}/orders"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-user-id", "user_evil")
+        .body("order=1")
+        .send()
+        .await
+        .expect("POST answered")
+        .status();
+    assert_eq!(status, 200, "{proxy_name}, POST");
+    assert_eq!(w.app.count(), before + 1, "{proxy_name}, POST");
+    let seen = w.app.last();
+    assert_eq!(seen.method, http::Method::POST, "{proxy_name}");
+    assert_eq!(&seen.body[..], b"order=1", "{proxy_name}");
+    assert_eq!(
+        identity_seen(&seen.headers).get("x-user-id"),
+        Some(&vec!["user_1".to_owned()]),
+        "{proxy_name}, POST"
+    );
+
     assert_eq!(
         w.behind_gate.count(),
         0,
@@ -611,32 +633,266 @@ fn str_claim(claims: &Value, name: &str) -> String {
     claims[name].as_str().expect("string claim").to_owned()
 }
 
-#[tokio::test]
-async fn nginx_recipe_from_the_readme_keeps_client_identity_headers_from_the_app() {
-    let dir = TempDir::new("nginx");
-    let w = world().await;
-    let (proc, addr) = match start_nginx(&dir.0, w.app.addr, w.gate.proxy).await {
+#[derive(Clone, Copy)]
+enum Ingress {
+    Nginx,
+    Envoy,
+}
+
+impl Ingress {
+    fn name(self) -> &'static str {
+        match self {
+            Ingress::Nginx => "nginx",
+            Ingress::Envoy => "envoy",
+        }
+    }
+}
+
+/// Starts clerkgate (routes plus `extra`) and the ingress from README.md, and runs `check`;
+/// prints SKIP and returns when the ingress is not installed.
+async fn with_ingress<F>(ingress: Ingress, extra: &str, check: F)
+where
+    F: AsyncFnOnce(&'static str, SocketAddr, &World),
+{
+    let dir = TempDir::new(ingress.name());
+    let w = world(extra).await;
+    let started = match ingress {
+        Ingress::Nginx => start_nginx(&dir.0, w.app.addr, w.gate.proxy).await,
+        Ingress::Envoy => start_envoy(&dir.0, w.app.addr, w.gate.proxy).await,
+    };
+    let (proc, addr) = match started {
         Ok(started) => started,
         Err(reason) => {
             println!("SKIP: {reason}");
             return;
         }
     };
-    exercise("nginx", addr, &w).await;
+    check(ingress.name(), addr, &w).await;
     drop(proc);
+}
+
+/// With `auth.forward_token` the app gets the token as the client sent it, and still only the
+/// verified identity.
+async fn exercise_forward_token(proxy_name: &str, proxy: SocketAddr, w: &World) {
+    let claims = w.clerk.claims("user_1");
+    let token = w.clerk.mint(claims.clone());
+    let cookie = format!("__session={token}; theme=dark; __client_uat=1");
+    let before = w.app.count();
+    let sent = Sent {
+        what: "forward_token, signed in",
+        path: "/orders",
+        authorization: Some(format!("Bearer {token}")),
+        cookie: cookie.clone(),
+    };
+    assert_eq!(send(proxy, &sent).await, 200, "{proxy_name}");
+    assert_eq!(w.app.count(), before + 1, "{proxy_name}");
+    let seen = w.app.last();
+    let got = identity_seen(&seen.headers);
+    assert_eq!(
+        got.get("x-user-id"),
+        Some(&vec!["user_1".to_owned()]),
+        "{proxy_name}"
+    );
+    assert_eq!(got.len(), 3, "{proxy_name}: {got:?}");
+    assert_eq!(
+        seen.headers.get("authorization").map(|v| v.as_bytes()),
+        Some(format!("Bearer {token}").as_bytes()),
+        "{proxy_name}"
+    );
+    assert_eq!(
+        seen.headers.get("cookie").map(|v| v.as_bytes()),
+        Some(cookie.as_bytes()),
+        "{proxy_name}"
+    );
+}
+
+const FORWARD_TOKEN: &str = "[auth]\nforward_token = true\n";
+
+#[tokio::test]
+async fn nginx_recipe_from_the_readme_keeps_client_identity_headers_from_the_app() {
+    with_ingress(Ingress::Nginx, "", exercise).await;
 }
 
 #[tokio::test]
 async fn envoy_recipe_from_the_readme_keeps_client_identity_headers_from_the_app() {
-    let dir = TempDir::new("envoy");
-    let w = world().await;
-    let (proc, addr) = match start_envoy(&dir.0, w.app.addr, w.gate.proxy).await {
-        Ok(started) => started,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return;
-        }
-    };
-    exercise("envoy", addr, &w).await;
-    drop(proc);
+    with_ingress(Ingress::Envoy, "", exercise).await;
+}
+
+#[tokio::test]
+async fn nginx_recipe_from_the_readme_passes_the_token_only_with_forward_token() {
+    with_ingress(Ingress::Nginx, FORWARD_TOKEN, exercise_forward_token).await;
+}
+
+#[tokio::test]
+async fn envoy_recipe_from_the_readme_passes_the_token_only_with_forward_token() {
+    with_ingress(Ingress::Envoy, FORWARD_TOKEN, exercise_forward_token).await;
+}
+
+// The answer itself, without an ingress (always runs).
+
+const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+}
+
+impl Answer {
+    fn removes(&self) -> Vec<String> {
+        let mut list: Vec<String> = self
+            .headers
+            .get(HEADERS_TO_REMOVE)
+            .map(|v| v.to_str().expect("ASCII list"))
+            .unwrap_or("")
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        list.sort();
+        list
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().expect("ASCII"))
+    }
+}
+
+/// Asks clerkgate's forward-auth endpoint directly, the way Envoy does (path below the endpoint).
+async fn ask(w: &World, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = client().get(w.gate.url(&format!("/_clerkgate/auth{path}")));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.expect("forward-auth answers");
+    Answer {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+    }
+}
+
+fn sorted(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    v.sort();
+    v
+}
+
+const EXTRA_NAMES: &str = r#"
+[headers]
+reserved = ["X_Tenant"]
+[headers.claims]
+"public_metadata.plan" = "X-Plan"
+"#;
+
+#[tokio::test]
+async fn forward_auth_answer_lists_every_managed_header_it_does_not_carry() {
+    let w = world(EXTRA_NAMES).await;
+    let all = [
+        "x-user-id",
+        "x-session-id",
+        "x-org-id",
+        "x-org-role",
+        "x-org-slug",
+        "x-org-permissions",
+        "x-actor-id",
+        "x-clerk-claims",
+        "x-plan",
+        "x-tenant",
+        "authorization",
+        "cookie",
+    ];
+
+    // Anonymous on a public route: everything, plus the client's own spellings.
+    let a = ask(
+        &w,
+        "/public/x",
+        &[
+            ("X-User-Id", "user_evil"),
+            ("x_user_id", "user_evil"),
+            ("X-Clerk-Anything", "1"),
+            ("Cookie", "__session=x; __client_uat=0"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let mut want: Vec<&str> = all.to_vec();
+    want.extend(["x_user_id", "x-clerk-anything"]);
+    assert_eq!(a.removes(), sorted(&want));
+    assert_eq!(a.header("cookie"), None, "only token cookies were sent");
+    assert_eq!(a.header("authorization"), None);
+
+    // Signed in, no organization, a mapped claim: the carried names are not listed; the
+    // non-token cookies are carried.
+    let mut claims = w.clerk.claims("user_1");
+    claims["public_metadata"] = json!({"plan": "pro"});
+    let token = w.clerk.mint(claims);
+    let bearer = format!("Bearer {token}");
+    let a = ask(
+        &w,
+        "/orders",
+        &[
+            ("Authorization", &bearer),
+            ("Cookie", "theme=dark; __session_Abc=x"),
+            ("Cookie", "lang=en"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-plan"), Some("pro"));
+    assert_eq!(a.header("cookie"), Some("theme=dark; lang=en"));
+    assert_eq!(a.header("authorization"), None);
+    let carried = [
+        "x-user-id",
+        "x-session-id",
+        "x-clerk-claims",
+        "x-plan",
+        "cookie",
+    ];
+    let rest: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|n| !carried.contains(n))
+        .collect();
+    assert_eq!(a.removes(), sorted(&rest));
+    for name in carried {
+        assert!(a.headers.contains_key(name), "{name}");
+    }
+
+    // Refusals carry no list: the ingress stops the request.
+    let a = ask(&w, "/orders", &[("X-User-Id", "user_evil")]).await;
+    assert_eq!(a.status, 401);
+    assert!(a.headers.get(HEADERS_TO_REMOVE).is_none());
+    assert_eq!(w.behind_gate.count(), 0);
+}
+
+#[tokio::test]
+async fn forward_auth_answer_carries_the_token_only_with_forward_token() {
+    let w = world(FORWARD_TOKEN).await;
+    let token = w.clerk.session_token("user_1");
+    let bearer = format!("Bearer {token}");
+    let cookie = "theme=dark; __session=x";
+    let a = ask(
+        &w,
+        "/orders",
+        &[("Authorization", &bearer), ("Cookie", cookie)],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("authorization"), Some(bearer.as_str()));
+    assert_eq!(a.header("cookie"), Some(cookie));
+    let removes = a.removes();
+    assert!(
+        !removes.contains(&"authorization".to_owned()),
+        "{removes:?}"
+    );
+    assert!(!removes.contains(&"cookie".to_owned()), "{removes:?}");
+    assert!(removes.contains(&"x-org-role".to_owned()), "{removes:?}");
+}
+
+#[tokio::test]
+async fn forward_auth_still_refuses_spoofed_headers_under_reject() {
+    let w = world("[auth]\non_spoofed_header = \"reject\"\n").await;
+    let a = ask(&w, "/public/x", &[("X_Org_Role", "org:admin")]).await;
+    assert_eq!(a.status, 400);
+    let a = ask(&w, "/public/x", &[]).await;
+    assert_eq!(a.status, 200);
 }
