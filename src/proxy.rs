@@ -645,18 +645,28 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.reject(Rejection::Path(e)),
         };
-        // Reserved only by spelling or prefix (`x_user_id`, `x-clerk-anything`): the ingress
-        // cannot know these names, so the answer names them. Empty (no allocation) normally.
-        let extra: Vec<http::HeaderName> = req
+        // Names reserved only by spelling or prefix (`x_user_id`, `x-clerk-anything`): the
+        // ingress cannot know them, so the answer names them. One scan of the names when the
+        // client sent no reserved header (the usual case), and no allocation.
+        let spoofed = req
             .headers()
             .keys()
-            .filter(|n| headers::is_reserved(n.as_str(), &self.reserved))
-            .filter(|n| !self.remove_list.manages(n))
-            .cloned()
-            .collect();
-        if let Err(r) = self.strip_spoofed(req.headers_mut()) {
-            return self.reject(r);
-        }
+            .any(|n| headers::is_reserved(n.as_str(), &self.reserved));
+        let extra: Vec<http::HeaderName> = if spoofed {
+            let extra = req
+                .headers()
+                .keys()
+                .filter(|n| headers::is_reserved(n.as_str(), &self.reserved))
+                .filter(|n| !self.remove_list.manages(n))
+                .cloned()
+                .collect();
+            if let Err(r) = self.strip_spoofed(req.headers_mut()) {
+                return self.reject(r);
+            }
+            extra
+        } else {
+            Vec::new()
+        };
         let route = self.policy.route(&normalized.matching);
         match self.decide(req.headers(), &route).await {
             Decision::Reject(r) => self.reject(r),
