@@ -329,7 +329,10 @@ impl Proxy {
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
-            remove_list: answer::RemoveList::new(auth.builder.reserved()),
+            remove_list: answer::RemoveList::new(
+                auth.builder.reserved(),
+                config.auth.forward_token,
+            ),
             auth,
             sessions,
             webhooks,
@@ -692,7 +695,9 @@ impl Proxy {
                     h.insert(header::COOKIE, cookies);
                 }
                 let remove = self.remove_list.value(h, &extra);
-                h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
+                if !remove.is_empty() {
+                    h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
+                }
                 (resp, Outcome::ForwardAuthAllowed)
             }
         }

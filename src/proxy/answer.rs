@@ -6,9 +6,8 @@
 //! answer for a user without an organization, and every identity header would survive an
 //! anonymous answer on a public route. The answer therefore lists, in
 //! `x-envoy-auth-headers-to-remove`, every managed header it does not carry: the reserved
-//! identity names, `authorization` and `cookie` (the answer carries those two only when they
-//! are to reach the app: `authorization` with `auth.forward_token`, `cookie` with the token
-//! cookies removed unless `auth.forward_token`). Client-sent names that are reserved only by
+//! identity names and, unless `auth.forward_token`, `authorization` and `cookie` (the answer
+//! carries `cookie` with the token cookies removed when any other cookie is left). Client-sent names that are reserved only by
 //! spelling (`x_user_id`) or by the `x-clerk-` prefix are appended, so the ingress removes them
 //! too.
 //!
@@ -39,14 +38,17 @@ pub struct RemoveList {
 
 impl RemoveList {
     /// `reserved` is [`crate::auth::identity::IdentityBuilder::reserved`] (lower-case, `_`
-    /// folded into `-`).
-    pub fn new(reserved: &[String]) -> Self {
+    /// folded into `-`). With `forward_token` the token headers are the app's: never listed
+    /// (the answer still carries them, for ingresses that set them from it).
+    pub fn new(reserved: &[String], forward_token: bool) -> Self {
         let mut names: Vec<HeaderName> = reserved
             .iter()
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
             .collect();
-        names.push(header::AUTHORIZATION);
-        names.push(header::COOKIE);
+        if !forward_token {
+            names.push(header::AUTHORIZATION);
+            names.push(header::COOKIE);
+        }
         let slots = if names.len() <= MAX_CACHED_BITS {
             1usize << names.len()
         } else {
@@ -90,9 +92,9 @@ impl RemoveList {
             .map(HeaderName::as_str)
             .collect::<Vec<_>>()
             .join(",");
-        // Header names are valid header-value bytes; `authorization` and `cookie` are always
-        // present, so the list is never empty.
-        HeaderValue::from_str(&list).unwrap_or(HeaderValue::from_static("authorization,cookie"))
+        // Header names are valid header-value bytes. An empty value (everything carried, or
+        // nothing managed) is a valid, empty list.
+        HeaderValue::from_str(&list).unwrap_or(HeaderValue::from_static(""))
     }
 }
 
@@ -116,11 +118,14 @@ mod tests {
     use super::*;
 
     fn list() -> RemoveList {
-        RemoveList::new(&[
-            "x-clerk-claims".into(),
-            "x-org-id".into(),
-            "x-user-id".into(),
-        ])
+        RemoveList::new(
+            &[
+                "x-clerk-claims".into(),
+                "x-org-id".into(),
+                "x-user-id".into(),
+            ],
+            false,
+        )
     }
 
     #[test]
@@ -160,10 +165,17 @@ mod tests {
     #[test]
     fn many_names_are_built_per_answer() {
         let reserved: Vec<String> = (0..20).map(|i| format!("x-h{i}")).collect();
-        let l = RemoveList::new(&reserved);
+        let l = RemoveList::new(&reserved, false);
         assert!(l.cache.is_empty());
         let v = l.value(&HeaderMap::new(), &[]);
         assert!(v.to_str().unwrap().starts_with("x-h0,x-h1,"));
+    }
+
+    #[test]
+    fn forward_token_leaves_the_token_headers_unlisted() {
+        let l = RemoveList::new(&["x-user-id".into()], true);
+        assert_eq!(l.value(&HeaderMap::new(), &[]), "x-user-id");
+        assert!(!l.manages(&header::AUTHORIZATION));
     }
 
     #[test]
