@@ -570,6 +570,30 @@ async fn exercise(proxy_name: &str, proxy: SocketAddr, w: &World) {
     )
     .await;
 
+    // Large custom claims: the answer's X-Clerk-Claims alone is over 10 KB, more than an
+    // ingress's default buffer for an answer's head (nginx: one memory page).
+    let mut claims = w.clerk.claims("user_big");
+    claims["public_metadata"] = json!({"notes": "n".repeat(8 * 1024)});
+    let big = w.clerk.mint(claims.clone());
+    let payload = big.split('.').nth(1).expect("compact JWT").to_owned();
+    assert_forwarded(
+        proxy_name,
+        proxy,
+        w,
+        Sent {
+            what: "signed in with 8 KiB of custom claims",
+            path: "/orders",
+            authorization: Some(format!("Bearer {big}")),
+            cookie: "theme=dark".into(),
+        },
+        &[
+            ("x-user-id", "user_big".into()),
+            ("x-session-id", str_claim(&claims, "sid")),
+            ("x-clerk-claims", payload),
+        ],
+    )
+    .await;
+
     // 401: no token on a required route.
     assert_stopped(
         proxy_name,
