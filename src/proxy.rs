@@ -591,9 +591,10 @@ impl Proxy {
     }
 
     /// The original request's URI for forward-auth: `X-Forwarded-Uri` (Traefik),
-    /// `X-Original-URI` (nginx), or the path below the endpoint (Envoy's `path_prefix`). Each ingress sets one source itself and
-    /// passes the client's other headers through, so a client could add a second, different
-    /// one: with `auto`, every source present must agree, and a disagreement is refused.
+    /// `X-Original-URI` (nginx), or the path below the endpoint (Envoy's `path_prefix`). Each
+    /// ingress sets one source itself and passes the client's other headers through, so a
+    /// client could add a second, different one: with `auto`, every source present must agree,
+    /// and a disagreement is refused.
     fn original_uri(&self, req: &Request<Incoming>) -> Result<String, Rejection> {
         let header = |name: &str| -> Result<Option<String>, Rejection> {
             let mut values = req.headers().get_all(name).iter();
