@@ -7,6 +7,7 @@
 //! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
 //! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
 
+pub mod answer;
 pub mod forward;
 pub mod headers;
 pub mod path;
@@ -268,6 +269,8 @@ pub struct Proxy {
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
     forward_auth_uri_source: UriSource,
+    /// What a forward-auth answer lists in `x-envoy-auth-headers-to-remove`.
+    remove_list: answer::RemoveList,
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
@@ -334,6 +337,10 @@ impl Proxy {
                 .iter()
                 .map(|n| crate::auth::identity::normalise_name(n))
                 .collect(),
+            remove_list: answer::RemoveList::new(
+                auth.builder.reserved(),
+                config.auth.forward_token,
+            ),
             auth,
             sessions,
             webhooks,
@@ -620,12 +627,11 @@ impl Proxy {
         )
     }
 
-    /// The forward-auth answer: 200 with identity headers, or the refusal. The original
-    /// request's URI comes from `X-Forwarded-Uri` (Traefik), `X-Original-URI` (nginx), or the
-    /// path below the endpoint (Envoy's `path_prefix`).
-    /// The original request's URI for forward-auth. Each ingress sets one source itself and
-    /// passes the client's other headers through, so a client could add a second, different
-    /// one: with `auto`, every source present must agree, and a disagreement is refused.
+    /// The original request's URI for forward-auth: `X-Forwarded-Uri` (Traefik),
+    /// `X-Original-URI` (nginx), or the path below the endpoint (Envoy's `path_prefix`). Each
+    /// ingress sets one source itself and passes the client's other headers through, so a
+    /// client could add a second, different one: with `auto`, every source present must agree,
+    /// and a disagreement is refused.
     fn original_uri(&self, req: &Request<Incoming>) -> Result<String, Rejection> {
         let header = |name: &str| -> Result<Option<String>, Rejection> {
             let mut values = req.headers().get_all(name).iter();
@@ -668,6 +674,8 @@ impl Proxy {
         }
     }
 
+    /// The forward-auth answer: 200 with the identity headers, the token headers the app may
+    /// see and `x-envoy-auth-headers-to-remove` (see [`answer`]), or the refusal.
     async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
         let original = match self.original_uri(&req) {
             Ok(uri) => uri,
@@ -678,19 +686,55 @@ impl Proxy {
             Ok(p) => p,
             Err(e) => return self.reject(Rejection::Path(e)),
         };
-        if let Err(r) = self.strip_spoofed(req.headers_mut()) {
-            return self.reject(r);
-        }
+        // Names reserved only by spelling or prefix (`x_user_id`, `x-clerk-anything`): the
+        // ingress cannot know them, so the answer names them. One scan of the names when the
+        // client sent no reserved header (the usual case), and no allocation.
+        let spoofed = req
+            .headers()
+            .keys()
+            .any(|n| headers::is_reserved(n.as_str(), &self.reserved));
+        let extra: Vec<http::HeaderName> = if spoofed {
+            let extra = req
+                .headers()
+                .keys()
+                .filter(|n| headers::is_reserved(n.as_str(), &self.reserved))
+                .filter(|n| !self.remove_list.manages(n))
+                .cloned()
+                .collect();
+            if let Err(r) = self.strip_spoofed(req.headers_mut()) {
+                return self.reject(r);
+            }
+            extra
+        } else {
+            Vec::new()
+        };
         let route = self.policy.route(&normalized.matching);
         match self.decide(req.headers(), &route).await {
             Decision::Reject(r) => self.reject(r),
             Decision::Allow(identity) => {
                 let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
                 *resp.status_mut() = StatusCode::OK;
-                resp.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                let h = resp.headers_mut();
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(&self.auth.builder, resp.headers_mut());
+                    allowed.insert_headers(&self.auth.builder, h);
+                }
+                // The token reaches the app only with `auth.forward_token`: the answer carries
+                // what the app may see of `Authorization` and `Cookie`, and the ingress sets
+                // (nginx, Traefik) or removes (Envoy) them from the answer.
+                if self.forward_token {
+                    if let Some(authorization) = req.headers().get(header::AUTHORIZATION) {
+                        h.insert(header::AUTHORIZATION, authorization.clone());
+                    }
+                } else {
+                    headers::strip_token(req.headers_mut(), &self.cookies);
+                }
+                if let Some(cookies) = answer::joined_cookies(req.headers()) {
+                    h.insert(header::COOKIE, cookies);
+                }
+                let remove = self.remove_list.value(h, &extra);
+                if !remove.is_empty() {
+                    h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
                 }
                 (resp, Outcome::ForwardAuthAllowed)
             }

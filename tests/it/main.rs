@@ -1,3 +1,4 @@
+mod ingress;
 mod keys;
 mod local_api;
 mod operations;
