@@ -7,21 +7,29 @@
 //!
 //! | local API | Backend API call |
 //! | --- | --- |
-//! | `GET /v1/users/{id}` | `GET /v1/users/{id}`, cached |
-//! | `GET /v1/users?…` | `GET /v1/users`, filters passed through, not cached |
+//! | `GET /v1/users/{id}` | `GET /v1/users/{id}`, cached (404s briefly) |
+//! | `GET /v1/users?…`, `GET /v1/users/count?…` | the same, query passed through, not cached |
 //! | `PATCH /v1/users/{id}` | the same; invalidates the cached user |
-//! | `PATCH /v1/users/{id}/metadata` | the same; invalidates the cached user |
+//! | `PATCH`/`PUT /v1/users/{id}/metadata` | the same; invalidates the cached user |
 //! | `DELETE /v1/users/{id}` | the same; invalidates, and denies the user's tokens at the edge |
+//! | `POST /v1/users/{id}/ban`, `…/lock` | the same; invalidates, denies the user's tokens |
+//! | `POST /v1/users/{id}/unban`, `…/unlock` | the same; invalidates |
+//! | `GET /v1/users/{id}/organization_memberships?…` | the same, not cached |
 //! | `GET /v1/sessions/{id}` | the same, cached briefly (`validateSession`) |
 //! | `GET /v1/sessions?…` | `GET /v1/sessions` |
 //! | `POST /v1/sessions/{id}/revoke` | the same; also denies the session at the edge |
 //! | `POST /v1/sessions` | the same (development instances only; Clerk's error passed on) |
+//! | `POST /v1/sessions/{id}/tokens[/{template}]` | the same (`getToken`), not cached |
+//! | `POST /v1/sessions/{id}/verify` | the same (`verifySession`, deprecated by Clerk) |
 //! | `POST /v1/tokens/verify` | none: the proxy's own verification and deny-lists |
+//! | `GET /v1/jwks` | none: the keys the proxy verifies with, serialised once per fetch |
 //!
-//! Everything Clerk answers is passed on as it is, errors included; what clerkgate answers itself
-//! is decided in [`reply`]. Calls go through the one [`BackendApi`] client, so the local API and
-//! api-mode session checks share one client-side budget and one `Retry-After` pause, as Clerk
-//! counts them per instance. Only `GET`s are retried.
+//! Everything Clerk answers is passed on as it is, errors included (status and body); what
+//! clerkgate answers itself is decided in [`reply`]. The caller's `Clerk-API-Version` is
+//! forwarded (clerkgate's own when it sends none) and is part of every cache key. Calls go
+//! through the one [`BackendApi`] client, so the local API and api-mode session checks share one
+//! client-side budget and one `Retry-After` pause, as Clerk counts them per instance. Only
+//! `GET`s are retried.
 //!
 //! Who may call: anything that can reach the listener. That is why it binds loopback by default
 //! and why any other address requires `local_api.token`, checked in constant time on every
@@ -44,13 +52,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth::identity::Identity;
+use crate::auth::jwks::Unpublished;
 use crate::auth::{AuthError, Authenticator, now_ms};
+use crate::clerk::API_VERSION;
 use crate::clerk::api::{Answer, BackendApi, Call, CallError};
 use crate::config::{ConfigError, Secret};
 use crate::server::{ConnInfo, Handler};
 use crate::sessions::Guard;
 use crate::telemetry::{ApiEndpoint, Label, LocalApiRoute, Metrics};
-use cache::{Caches, ObjectCache};
+use cache::{Cached, Caches, ObjectCache};
 use reply::{LocalError, Reply, Throttle};
 use route::{Route, RouteError};
 
@@ -72,6 +82,9 @@ pub struct Config {
     pub user_cache_ttl_seconds: u64,
     /// Seconds a fetched session is served from the cache.
     pub session_cache_ttl_seconds: u64,
+    /// Seconds Clerk's 404 for a user is served from the cache (0: not cached). A write to the
+    /// user and a `user.created` webhook invalidate it sooner.
+    pub missing_user_cache_ttl_seconds: u64,
     /// User updates (`PATCH` user or metadata) allowed per user per 10 s (Clerk's limit: 10).
     pub user_updates_per_10s: u32,
     /// Timeout of one Backend API attempt.
@@ -93,6 +106,7 @@ impl Default for Config {
             cache_capacity: 10_000,
             user_cache_ttl_seconds: 60,
             session_cache_ttl_seconds: 5,
+            missing_user_cache_ttl_seconds: 5,
             user_updates_per_10s: 10,
             attempt_timeout_ms: 2_000,
             request_timeout_ms: 5_000,
@@ -157,6 +171,12 @@ impl Config {
                     format!("must be between 1 and {max}"),
                 ));
             }
+        }
+        if self.missing_user_cache_ttl_seconds > 300 {
+            return Err(ConfigError::new(
+                "local_api.missing_user_cache_ttl_seconds",
+                "must be between 0 and 300",
+            ));
         }
         if self.cache_capacity == 0 {
             return Err(ConfigError::new(
@@ -285,6 +305,39 @@ enum Object {
     Session,
 }
 
+/// Longest accepted `Clerk-API-Version` (Clerk's are dates, `2025-04-10`).
+const MAX_API_VERSION_CHARS: usize = 32;
+
+/// The caller's `Clerk-API-Version`, if it sent one other than clerkgate's own. Only plausible
+/// version names are forwarded: they become a header to Clerk and part of a cache key.
+fn caller_api_version(headers: &HeaderMap) -> Result<Option<&str>, LocalError> {
+    let Some(value) = headers.get("clerk-api-version") else {
+        return Ok(None);
+    };
+    let version = value
+        .to_str()
+        .map_err(|_| LocalError::InvalidApiVersion)?
+        .trim();
+    let plausible = !version.is_empty()
+        && version.len() <= MAX_API_VERSION_CHARS
+        && version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !plausible {
+        return Err(LocalError::InvalidApiVersion);
+    }
+    Ok((version != API_VERSION).then_some(version))
+}
+
+/// What a user write does besides invalidating the cached user.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// Nothing more.
+    None,
+    /// Tokens issued before now stop working at the proxy (delete, ban, lock).
+    DenyEarlierTokens,
+}
+
 /// The local API handler.
 pub struct LocalApi {
     api: Arc<BackendApi>,
@@ -294,6 +347,8 @@ pub struct LocalApi {
     user_updates: limit::PerKey,
     /// SHA-256 of `local_api.token`; the token itself is not kept.
     token: Option<[u8; 32]>,
+    /// Whether Clerk's 404s for users are cached (`missing_user_cache_ttl_seconds` > 0).
+    cache_missing_users: bool,
     attempt_timeout: Duration,
     request_timeout: Duration,
     get_retries: u32,
@@ -310,14 +365,18 @@ impl LocalApi {
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let missing_ttl = Duration::from_secs(config.missing_user_cache_ttl_seconds);
         let caches = Arc::new(Caches {
             users: ObjectCache::new(
                 config.cache_capacity,
                 Duration::from_secs(config.user_cache_ttl_seconds),
+                missing_ttl,
             ),
             sessions: ObjectCache::new(
                 config.cache_capacity,
                 Duration::from_secs(config.session_cache_ttl_seconds),
+                // Session 404s are never stored (see `cached_get`).
+                Duration::from_secs(1),
             ),
         });
         sessions.set_change_listener(caches.clone());
@@ -338,6 +397,7 @@ impl LocalApi {
                 config.cache_capacity,
             ),
             token,
+            cache_missing_users: !missing_ttl.is_zero(),
             attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             get_retries: config.get_retries,
@@ -368,42 +428,80 @@ impl LocalApi {
                 return (label, Reply::error(e));
             }
         };
-        let query = parts.uri.query();
+        let version = match caller_api_version(&parts.headers) {
+            Ok(version) => version,
+            Err(e) => return (label, Reply::error(e)),
+        };
+        let to = Target {
+            query: parts.uri.query(),
+            version,
+        };
         let reply = match route {
-            Route::UsersGet(id) => self.cached_get(Object::User, id).await,
-            Route::SessionsGet(id) => self.cached_get(Object::Session, id).await,
-            Route::UsersList => {
-                self.pass(self.call(ApiEndpoint::UsersList, Method::GET, "v1/users", query, None))
+            Route::UsersGet(id) => self.cached_get(Object::User, id, version).await,
+            Route::SessionsGet(id) => self.cached_get(Object::Session, id, version).await,
+            Route::UsersList => self.get(ApiEndpoint::UsersList, "v1/users", to).await,
+            Route::UsersCount => {
+                self.get(ApiEndpoint::UsersCount, "v1/users/count", to)
                     .await
             }
-            Route::SessionsList => {
-                let call = self.call(
-                    ApiEndpoint::SessionsList,
-                    Method::GET,
-                    "v1/sessions",
-                    query,
-                    None,
-                );
-                self.pass(call).await
+            Route::UsersOrganizationMemberships(id) => {
+                let path = format!("v1/users/{id}/organization_memberships");
+                self.get(ApiEndpoint::UsersOrganizationMemberships, &path, to)
+                    .await
             }
-            Route::UsersUpdate(id) => self.update_user(id, false, body).await,
-            Route::UsersMetadataUpdate(id) => self.update_user(id, true, body).await,
-            Route::UsersDelete(id) => self.delete_user(id).await,
-            Route::SessionsRevoke(id) => self.revoke_session(id).await,
-            Route::SessionsCreate => match self.read_json(body).await {
-                Ok(body) => {
-                    let call = self.call(
-                        ApiEndpoint::SessionsCreate,
-                        Method::POST,
-                        "v1/sessions",
-                        None,
-                        Some(body),
-                    );
-                    self.pass(call).await
-                }
-                Err(e) => Reply::error(e),
-            },
+            Route::SessionsList => self.get(ApiEndpoint::SessionsList, "v1/sessions", to).await,
+            Route::UsersUpdate(id) => {
+                let path = format!("v1/users/{id}");
+                self.update_user(id, ApiEndpoint::UsersUpdate, Method::PATCH, &path, body, to)
+                    .await
+            }
+            Route::UsersMetadataUpdate(id) => {
+                let path = format!("v1/users/{id}/metadata");
+                let endpoint = ApiEndpoint::UsersMetadataUpdate;
+                self.update_user(id, endpoint, Method::PATCH, &path, body, to)
+                    .await
+            }
+            Route::UsersMetadataReplace(id) => {
+                let path = format!("v1/users/{id}/metadata");
+                let endpoint = ApiEndpoint::UsersMetadataReplace;
+                self.update_user(id, endpoint, Method::PUT, &path, body, to)
+                    .await
+            }
+            Route::UsersDelete(id) => {
+                let path = format!("v1/users/{id}");
+                let call = self.call(ApiEndpoint::UsersDelete, Method::DELETE, &path, None, to);
+                self.user_write(id, call, Edge::DenyEarlierTokens).await
+            }
+            Route::UsersBan(id) => self.moderate(id, ApiEndpoint::UsersBan, "ban", to).await,
+            Route::UsersUnban(id) => {
+                self.moderate(id, ApiEndpoint::UsersUnban, "unban", to)
+                    .await
+            }
+            Route::UsersLock(id) => self.moderate(id, ApiEndpoint::UsersLock, "lock", to).await,
+            Route::UsersUnlock(id) => {
+                self.moderate(id, ApiEndpoint::UsersUnlock, "unlock", to)
+                    .await
+            }
+            Route::SessionsRevoke(id) => self.revoke_session(id, to).await,
+            Route::SessionsCreate => {
+                self.post(ApiEndpoint::SessionsCreate, "v1/sessions", body, false, to)
+                    .await
+            }
+            Route::SessionsToken(id, template) => {
+                let path = match template {
+                    Some(template) => format!("v1/sessions/{id}/tokens/{template}"),
+                    None => format!("v1/sessions/{id}/tokens"),
+                };
+                self.post(ApiEndpoint::SessionsToken, &path, body, true, to)
+                    .await
+            }
+            Route::SessionsVerify(id) => {
+                let path = format!("v1/sessions/{id}/verify");
+                self.post(ApiEndpoint::SessionsVerify, &path, body, false, to)
+                    .await
+            }
             Route::TokensVerify => self.verify_token(body).await,
+            Route::Jwks => self.jwks(),
         };
         (label, reply)
     }
@@ -413,18 +511,19 @@ impl LocalApi {
         endpoint: ApiEndpoint,
         method: Method,
         path: &'a str,
-        query: Option<&'a str>,
         body: Option<Bytes>,
+        to: Target<'a>,
     ) -> Call<'a> {
         Call {
             endpoint,
             method,
             path,
-            query,
+            query: to.query,
             body,
             timeout: Some(self.attempt_timeout),
             retries: self.get_retries,
             max_body_bytes: MAX_RESPONSE_BYTES,
+            api_version: to.version,
         }
     }
 
@@ -442,8 +541,32 @@ impl LocalApi {
         }
     }
 
-    /// A capped request body that must be a JSON object; passed on byte for byte.
-    async fn read_json(&self, body: Incoming) -> Result<Bytes, LocalError> {
+    /// An uncached `GET`, query passed through.
+    async fn get(&self, endpoint: ApiEndpoint, path: &str, to: Target<'_>) -> Reply {
+        self.pass(self.call(endpoint, Method::GET, path, None, to))
+            .await
+    }
+
+    /// A `POST` with the caller's JSON object body (`optional`: or none at all).
+    async fn post(
+        &self,
+        endpoint: ApiEndpoint,
+        path: &str,
+        body: Incoming,
+        optional: bool,
+        to: Target<'_>,
+    ) -> Reply {
+        let body = match self.read_json(body, optional).await {
+            Ok(body) => body,
+            Err(e) => return Reply::error(e),
+        };
+        self.pass(self.call(endpoint, Method::POST, path, body, to))
+            .await
+    }
+
+    /// A capped request body that must be a JSON object; passed on byte for byte. `None` when
+    /// it is empty and `optional`.
+    async fn read_json(&self, body: Incoming, optional: bool) -> Result<Option<Bytes>, LocalError> {
         let bytes = match Limited::new(body, self.max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -451,15 +574,18 @@ impl LocalApi {
             }
             Err(_) => return Err(LocalError::InvalidBody),
         };
+        if optional && bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(_)) => Ok(bytes),
+            Ok(Value::Object(_)) => Ok(Some(bytes)),
             _ => Err(LocalError::InvalidBody),
         }
     }
 
     /// A read through the user or session cache: one Backend API call for any number of
-    /// concurrent misses, and only 2xx answers cached.
-    async fn cached_get(&self, object: Object, id: &str) -> Reply {
+    /// concurrent misses; 2xx answers cached, and a user's 404 briefly.
+    async fn cached_get(&self, object: Object, id: &str, version: Option<&str>) -> Reply {
         let (cache, endpoint, path) = match object {
             Object::User => (
                 &self.caches.users,
@@ -472,9 +598,11 @@ impl LocalApi {
                 format!("v1/sessions/{id}"),
             ),
         };
+        let cache_missing = object == Object::User && self.cache_missing_users;
         let api = self.api.clone();
         let (timeout, retries) = (self.attempt_timeout, self.get_retries);
         // Owned: the fetch may outlive this request when a coalesced waiter takes it over.
+        let owned_version = version.map(str::to_owned);
         let fetch = async move {
             let call = Call {
                 endpoint,
@@ -485,15 +613,30 @@ impl LocalApi {
                 timeout: Some(timeout),
                 retries,
                 max_body_bytes: MAX_RESPONSE_BYTES,
+                api_version: owned_version.as_deref(),
             };
             match api.call(call).await {
-                Ok(answer) if answer.status.is_success() => Ok(answer.body),
+                Ok(answer)
+                    if answer.status.is_success()
+                        || (cache_missing && answer.status == StatusCode::NOT_FOUND) =>
+                {
+                    Ok(Cached {
+                        status: answer.status,
+                        body: answer.body,
+                    })
+                }
                 Ok(answer) => Err(Fetch::Answer(answer)),
                 Err(e) => Err(Fetch::Call(e)),
             }
         };
-        match tokio::time::timeout(self.request_timeout, cache.get_or_fetch(id, fetch)).await {
-            Ok(Ok((body, fetched))) => {
+        let key_version = version.unwrap_or(API_VERSION);
+        let got = tokio::time::timeout(
+            self.request_timeout,
+            cache.get_or_fetch(id, key_version, fetch),
+        )
+        .await;
+        match got {
+            Ok(Ok((cached, fetched))) => {
                 if object == Object::User {
                     if fetched {
                         self.metrics.user_cache_misses.inc();
@@ -501,7 +644,15 @@ impl LocalApi {
                         self.metrics.user_cache_hits.inc();
                     }
                 }
-                Reply::clerk_ok(StatusCode::OK, body)
+                if cached.status.is_success() {
+                    Reply::clerk_ok(cached.status, cached.body)
+                } else {
+                    Reply::clerk(&Answer {
+                        status: cached.status,
+                        body: cached.body,
+                        retry_after_seconds: None,
+                    })
+                }
             }
             Ok(Err(e)) => match &*e {
                 Fetch::Answer(answer) => Reply::clerk(answer),
@@ -511,8 +662,17 @@ impl LocalApi {
         }
     }
 
-    async fn update_user(&self, id: &str, metadata: bool, body: Incoming) -> Reply {
-        let body = match self.read_json(body).await {
+    /// `PATCH` user, `PATCH`/`PUT` metadata: Clerk's per-user limit enforced here first.
+    async fn update_user(
+        &self,
+        id: &str,
+        endpoint: ApiEndpoint,
+        method: Method,
+        path: &str,
+        body: Incoming,
+        to: Target<'_>,
+    ) -> Reply {
+        let body = match self.read_json(body, false).await {
             Ok(body) => body,
             Err(e) => return Reply::error(e),
         };
@@ -522,35 +682,41 @@ impl LocalApi {
                 by: Throttle::UserUpdates,
             });
         }
-        let (endpoint, path) = if metadata {
-            (
-                ApiEndpoint::UsersMetadataUpdate,
-                format!("v1/users/{id}/metadata"),
-            )
-        } else {
-            (ApiEndpoint::UsersUpdate, format!("v1/users/{id}"))
-        };
-        let result = self
-            .send(self.call(endpoint, Method::PATCH, &path, None, Some(body)))
-            .await;
-        // Even a failed or timed-out update may have been applied.
-        self.caches.users.invalidate(id);
-        match result {
-            Ok(answer) => Reply::clerk(&answer),
-            Err(e) => Reply::error(e.into()),
-        }
+        let call = self.call(endpoint, method, path, body, to);
+        self.user_write(id, call, Edge::None).await
     }
 
-    async fn delete_user(&self, id: &str) -> Reply {
-        let path = format!("v1/users/{id}");
-        let result = self
-            .send(self.call(ApiEndpoint::UsersDelete, Method::DELETE, &path, None, None))
-            .await;
+    /// `POST /v1/users/{id}/{ban,unban,lock,unlock}` (no body: Clerk takes none).
+    async fn moderate(
+        &self,
+        id: &str,
+        endpoint: ApiEndpoint,
+        action: &str,
+        to: Target<'_>,
+    ) -> Reply {
+        let path = format!("v1/users/{id}/{action}");
+        let edge = if matches!(endpoint, ApiEndpoint::UsersBan | ApiEndpoint::UsersLock) {
+            Edge::DenyEarlierTokens
+        } else {
+            Edge::None
+        };
+        let call = self.call(endpoint, Method::POST, &path, None, to);
+        self.user_write(id, call, edge).await
+    }
+
+    /// A write to user `id`: sent once, the cached user invalidated whatever the outcome (even
+    /// a failed or timed-out write may have been applied), and `edge` applied if it may have
+    /// happened.
+    async fn user_write(&self, id: &str, call: Call<'_>, edge: Edge) -> Reply {
+        let result = self.send(call).await;
         self.caches.users.invalidate(id);
-        if may_have_happened(&result) {
+        if edge == Edge::DenyEarlierTokens && may_have_happened(&result) {
             // Tokens issued before now stop working at this edge at once, not at their `exp`.
             self.sessions.store().deny_user_before(id, now_ms());
-            tracing::debug!(user = id, "user deleted; earlier tokens denied at the edge");
+            tracing::debug!(
+                user = id,
+                "user deleted, banned or locked; earlier tokens denied"
+            );
         }
         match result {
             Ok(answer) => Reply::clerk(&answer),
@@ -558,10 +724,10 @@ impl LocalApi {
         }
     }
 
-    async fn revoke_session(&self, id: &str) -> Reply {
+    async fn revoke_session(&self, id: &str, to: Target<'_>) -> Reply {
         let path = format!("v1/sessions/{id}/revoke");
         let result = self
-            .send(self.call(ApiEndpoint::SessionsRevoke, Method::POST, &path, None, None))
+            .send(self.call(ApiEndpoint::SessionsRevoke, Method::POST, &path, None, to))
             .await;
         self.caches.sessions.invalidate(id);
         if may_have_happened(&result) {
@@ -580,11 +746,22 @@ impl LocalApi {
         }
     }
 
+    /// The keys the proxy verifies with, as Clerk's `GET /v1/jwks` shape, for SDKs whose
+    /// `verifyToken` fetches `{apiUrl}/v1/jwks`. No Backend API call: the JSON is built once
+    /// per key fetch.
+    fn jwks(&self) -> Reply {
+        match self.auth.keys.published_jwks() {
+            Ok(body) => Reply::clerk_ok(StatusCode::OK, body),
+            Err(Unpublished::Pinned) => Reply::error(LocalError::JwksPinned),
+            Err(Unpublished::Unavailable) => Reply::error(LocalError::KeysUnavailable),
+        }
+    }
+
     /// The proxy's verification (keys, claims, cache) and deny-lists, for tokens that arrive
     /// outside HTTP.
     async fn verify_token(&self, body: Incoming) -> Reply {
-        let request = match self.read_json(body).await {
-            Ok(body) => serde_json::from_slice::<VerifyRequest>(&body),
+        let request = match self.read_json(body, false).await {
+            Ok(body) => serde_json::from_slice::<VerifyRequest>(body.as_deref().unwrap_or(b"")),
             Err(e) => return Reply::error(e),
         };
         let Ok(request) = request else {
@@ -603,6 +780,13 @@ impl LocalApi {
             Err(e) => Reply::token_rejected(e),
         }
     }
+}
+
+/// Where a passed-through call goes besides its path: the caller's query and API version.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    query: Option<&'a str>,
+    version: Option<&'a str>,
 }
 
 impl Handler for LocalApi {
@@ -709,6 +893,10 @@ mod tests {
             ("user_updates_per_10s = 0", "local_api.user_updates_per_10s"),
             ("get_retries = 9", "local_api.get_retries"),
             (
+                "missing_user_cache_ttl_seconds = 301",
+                "local_api.missing_user_cache_ttl_seconds",
+            ),
+            (
                 "listen = \"0.0.0.0:9090\"\ntoken = \"0123456789abcdef\"",
                 "local_api.listen",
             ),
@@ -741,6 +929,42 @@ mod tests {
             c.local_api.serves(&c.clerk),
             Err("local_api.enabled = false")
         );
+    }
+
+    #[test]
+    fn only_plausible_api_versions_are_forwarded_and_the_default_is_none() {
+        let with = |value: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert("clerk-api-version", HeaderValue::from_bytes(value).unwrap());
+            h
+        };
+        assert_eq!(caller_api_version(&HeaderMap::new()), Ok(None));
+        assert_eq!(
+            caller_api_version(&with(b"2025-04-10")),
+            Ok(Some("2025-04-10"))
+        );
+        assert_eq!(
+            caller_api_version(&with(b" 2021-02-05 ")),
+            Ok(Some("2021-02-05"))
+        );
+        assert_eq!(
+            caller_api_version(&with(API_VERSION.as_bytes())),
+            Ok(None),
+            "clerkgate's own version shares the default cache entries"
+        );
+        for bad in [
+            &b""[..],
+            b"2025-04-10 x",
+            b"a/b",
+            b"\xff",
+            "v".repeat(33).as_bytes(),
+        ] {
+            assert_eq!(
+                caller_api_version(&with(bad)),
+                Err(LocalError::InvalidApiVersion),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -173,6 +173,15 @@ label_enum! {
         UsersUpdate => "users_update",
         UsersMetadataUpdate => "users_metadata_update",
         UsersDelete => "users_delete",
+        UsersCount => "users_count",
+        UsersMetadataReplace => "users_metadata_replace",
+        UsersBan => "users_ban",
+        UsersUnban => "users_unban",
+        UsersLock => "users_lock",
+        UsersUnlock => "users_unlock",
+        UsersOrganizationMemberships => "users_organization_memberships",
+        SessionsToken => "sessions_token",
+        SessionsVerify => "sessions_verify",
     }
 }
 
@@ -203,6 +212,16 @@ label_enum! {
         SessionsRevoke => "sessions_revoke",
         SessionsCreate => "sessions_create",
         TokensVerify => "tokens_verify",
+        UsersCount => "users_count",
+        UsersMetadataReplace => "users_metadata_replace",
+        UsersBan => "users_ban",
+        UsersUnban => "users_unban",
+        UsersLock => "users_lock",
+        UsersUnlock => "users_unlock",
+        UsersOrganizationMemberships => "users_organization_memberships",
+        SessionsToken => "sessions_token",
+        SessionsVerify => "sessions_verify",
+        Jwks => "jwks",
         Unknown => "unknown",
     }
 }

@@ -148,6 +148,18 @@ pub struct KeySet {
     fetched_at: Option<Instant>,
     /// The only key of a PEM source, used whatever the token's `kid`.
     pinned: Option<Arc<Key>>,
+    /// `{"keys":[...]}` with the JWKs of `by_kid` as Clerk published them, serialised once per
+    /// fetch for the local API's `GET /v1/jwks`; `None` for a PEM source (it has no kid).
+    published: Option<bytes::Bytes>,
+}
+
+/// Why [`KeyStore::published_jwks`] has no JWKS to offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpublished {
+    /// The key is a pinned PEM (`clerk.jwt_key`): no kid, so no JWKS an SDK could match.
+    Pinned,
+    /// No usable keys held right now (not fetched yet, or stale past `jwks_max_stale_seconds`).
+    Unavailable,
 }
 
 impl KeySet {
@@ -262,6 +274,7 @@ impl KeyStore {
                         by_kid: HashMap::new(),
                         fetched_at: None,
                         pinned: Some(key),
+                        published: None,
                     }),
                     remote: None,
                     refresh: Mutex::new(RefreshState {
@@ -320,6 +333,13 @@ impl KeyStore {
             _ if set.len() == 0 => None,
             _ => Some(set),
         }
+    }
+
+    /// The usable keys as a JWKS (precomputed: a reference count, no serialisation), for
+    /// clients that verify tokens themselves with the keys this store holds.
+    pub fn published_jwks(&self) -> Result<bytes::Bytes, Unpublished> {
+        let set = self.usable().ok_or(Unpublished::Unavailable)?;
+        set.published.clone().ok_or(Unpublished::Pinned)
     }
 
     /// Seconds since the held keys were fetched (0 for a pinned key or none yet).
@@ -521,13 +541,17 @@ pub fn parse_jwks(body: &[u8]) -> Result<KeySet, FetchError> {
     }
     let set: Set = serde_json::from_slice(body).map_err(|_| FetchError::Invalid)?;
     let mut by_kid = HashMap::new();
+    let mut published = Vec::new();
     for jwk in set.keys {
-        let Ok(raw) = serde_json::from_value::<RawJwk>(jwk) else {
+        let Ok(raw) = RawJwk::deserialize(&jwk) else {
             continue;
         };
         match Key::from_raw(raw, None) {
             Ok(key) => {
                 if let Some(kid) = key.kid.clone() {
+                    // A repeated kid: the last one wins, in the published set as well.
+                    published.retain(|(k, _): &(String, serde_json::Value)| *k != kid);
+                    published.push((kid.clone(), jwk));
                     by_kid.insert(kid, Arc::new(key));
                 }
             }
@@ -537,10 +561,13 @@ pub fn parse_jwks(body: &[u8]) -> Result<KeySet, FetchError> {
     if by_kid.is_empty() {
         return Err(FetchError::NoUsableKeys);
     }
+    let keys: Vec<serde_json::Value> = published.into_iter().map(|(_, jwk)| jwk).collect();
+    let published = serde_json::json!({ "keys": keys }).to_string();
     Ok(KeySet {
         by_kid,
         fetched_at: Some(Instant::now()),
         pinned: None,
+        published: Some(bytes::Bytes::from(published)),
     })
 }
 
@@ -566,6 +593,13 @@ mod tests {
         let body = serde_json::json!({"keys": [k.jwk(), enc, no_alg, hs, ec]}).to_string();
         let set = parse_jwks(body.as_bytes()).unwrap();
         assert_eq!(set.by_kid.keys().collect::<Vec<_>>(), vec!["ins_a"]);
+        let published: serde_json::Value =
+            serde_json::from_slice(set.published.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            published,
+            serde_json::json!({"keys": [k.jwk()]}),
+            "only the usable key, as published"
+        );
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct Call<'a> {
     pub retries: u32,
     /// Largest response body accepted.
     pub max_body_bytes: usize,
+    /// `Clerk-API-Version` to send; `None` sends clerkgate's own ([`API_VERSION`]). The local
+    /// API passes its caller's on, so an SDK pinned to another version keeps its semantics.
+    pub api_version: Option<&'a str>,
 }
 
 /// Base of the retry backoff: attempt `n` (from 0) waits between `BASE * 2^n / 2` and
@@ -338,6 +341,7 @@ impl BackendApi {
                 timeout: None,
                 retries: 0,
                 max_body_bytes: MAX_BODY_BYTES,
+                api_version: None,
             })
             .await?;
         let status = answer.status;
@@ -391,7 +395,7 @@ impl BackendApi {
             .http
             .request(call.method.clone(), url)
             .bearer_auth(self.secret.expose())
-            .header("Clerk-API-Version", API_VERSION)
+            .header("Clerk-API-Version", call.api_version.unwrap_or(API_VERSION))
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(timeout) = call.timeout {
             req = req.timeout(timeout);

@@ -8,21 +8,52 @@
 //! and every later read uses a new key that neither the stale entry nor the stale fetch can
 //! answer. The cost is that an invalidation also drops the other ids of its stripe (1 in
 //! [`STRIPES`]), and orphaned entries occupy capacity until their TTL or eviction.
+//!
+//! An entry is Clerk's answer for one id in one `Clerk-API-Version` (the version is part of the
+//! key: another version may answer another shape), and is either the object (a 2xx) or Clerk's
+//! 404 for it. A 404 lives only `missing_ttl`, so a burst of reads of a deleted or not yet
+//! created user costs one Backend API call, and a `user.created` webhook or a write invalidates
+//! it like any other entry.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::StatusCode;
 
 use crate::sessions::{ChangeListener, Changed};
 
 /// Epoch counters per cache (8 KiB each).
 pub const STRIPES: usize = 1024;
 
-/// JSON bodies of one kind of Clerk object, by id.
+/// One cached answer of Clerk's: a 2xx object, or a 404 (kept for the missing TTL only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+/// Entries live the cache's TTL, 404s only `missing`.
+struct Lifetimes {
+    missing: Duration,
+}
+
+impl moka::Expiry<(String, u64), Cached> for Lifetimes {
+    fn expire_after_create(
+        &self,
+        _key: &(String, u64),
+        value: &Cached,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        // `None` leaves the entry to the cache-wide `time_to_live`.
+        (value.status == StatusCode::NOT_FOUND).then_some(self.missing)
+    }
+}
+
+/// Clerk's answers for one kind of Clerk object, by id and API version.
 pub struct ObjectCache {
-    entries: moka::future::Cache<(String, u64), Bytes>,
+    entries: moka::future::Cache<(String, u64), Cached>,
     epochs: Box<[AtomicU64]>,
 }
 
@@ -37,36 +68,49 @@ fn stripe(id: &str) -> usize {
 }
 
 impl ObjectCache {
-    pub fn new(capacity: u64, ttl: Duration) -> Self {
+    /// Entries live `ttl`; 404 entries (see [`Cached`]) at most `missing_ttl`.
+    pub fn new(capacity: u64, ttl: Duration, missing_ttl: Duration) -> Self {
         Self {
             entries: moka::future::Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(ttl)
+                .expire_after(Lifetimes {
+                    missing: missing_ttl,
+                })
                 .build(),
             epochs: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// The cached body of `id`, or the result of `fetch`, which runs at most once for any number
-    /// of concurrent callers (they all get its result). Errors are returned to every waiter and
-    /// not cached. The flag is `true` when this call ran `fetch`.
-    pub async fn get_or_fetch<F, E>(&self, id: &str, fetch: F) -> Result<(Bytes, bool), Arc<E>>
+    /// The cached answer for `id` in API `version`, or the result of `fetch`, which runs at
+    /// most once for any number of concurrent callers (they all get its result). Errors are
+    /// returned to every waiter and not cached. The flag is `true` when this call ran `fetch`.
+    pub async fn get_or_fetch<F, E>(
+        &self,
+        id: &str,
+        version: &str,
+        fetch: F,
+    ) -> Result<(Cached, bool), Arc<E>>
     where
-        F: Future<Output = Result<Bytes, E>>,
+        F: Future<Output = Result<Cached, E>>,
         E: Send + Sync + 'static,
     {
         let epoch = self.epochs[stripe(id)].load(Ordering::Acquire);
+        let mut key = String::with_capacity(version.len() + 1 + id.len());
+        key.push_str(version);
+        key.push(' ');
+        key.push_str(id);
         let entry = self
             .entries
-            .entry((id.to_owned(), epoch))
+            .entry((key, epoch))
             .or_try_insert_with(fetch)
             .await?;
         let fetched = entry.is_fresh();
         Ok((entry.into_value(), fetched))
     }
 
-    /// Makes every later read of `id` go to Clerk, including reads that would otherwise have
-    /// joined a fetch already in flight.
+    /// Makes every later read of `id` (in every API version) go to Clerk, including reads that
+    /// would otherwise have joined a fetch already in flight.
     pub fn invalidate(&self, id: &str) {
         self.epochs[stripe(id)].fetch_add(1, Ordering::AcqRel);
     }
@@ -93,17 +137,34 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn cache() -> ObjectCache {
-        ObjectCache::new(100, Duration::from_secs(60))
+        ObjectCache::new(100, Duration::from_secs(60), Duration::from_secs(60))
     }
 
-    async fn get(c: &ObjectCache, id: &str, calls: &AtomicUsize, body: &'static str) -> Bytes {
-        c.get_or_fetch(id, async {
+    fn ok(body: &'static str) -> Cached {
+        Cached {
+            status: StatusCode::OK,
+            body: Bytes::from_static(body.as_bytes()),
+        }
+    }
+
+    async fn get_in(
+        c: &ObjectCache,
+        id: &str,
+        version: &str,
+        calls: &AtomicUsize,
+        answer: Cached,
+    ) -> Cached {
+        c.get_or_fetch(id, version, async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, ()>(Bytes::from_static(body.as_bytes()))
+            Ok::<_, ()>(answer)
         })
         .await
         .unwrap()
         .0
+    }
+
+    async fn get(c: &ObjectCache, id: &str, calls: &AtomicUsize, body: &'static str) -> Bytes {
+        get_in(c, id, "v", calls, ok(body)).await.body
     }
 
     #[tokio::test]
@@ -122,7 +183,7 @@ mod tests {
     async fn errors_are_shared_but_not_cached() {
         let c = cache();
         let err = c
-            .get_or_fetch("user_1", async { Err::<Bytes, _>("down") })
+            .get_or_fetch("user_1", "v", async { Err::<Cached, _>("down") })
             .await
             .unwrap_err();
         assert_eq!(*err, "down");
@@ -138,10 +199,10 @@ mod tests {
         let stale = tokio::spawn({
             let c = c.clone();
             async move {
-                c.get_or_fetch("user_1", async move {
+                c.get_or_fetch("user_1", "v", async move {
                     let _ = started_tx.send(());
                     let _ = released.await;
-                    Ok::<_, ()>(Bytes::from_static(b"before"))
+                    Ok::<_, ()>(ok("before"))
                 })
                 .await
                 .unwrap()
@@ -153,9 +214,66 @@ mod tests {
         let calls = AtomicUsize::new(0);
         assert_eq!(get(&c, "user_1", &calls, "after").await, "after");
         let _ = release.send(());
-        assert_eq!(stale.await.unwrap(), (Bytes::from_static(b"before"), true));
+        assert_eq!(stale.await.unwrap(), (ok("before"), true));
         assert_eq!(get(&c, "user_1", &calls, "later").await, "after");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn versions_are_cached_apart_and_invalidated_together() {
+        let c = cache();
+        let calls = AtomicUsize::new(0);
+        assert_eq!(
+            get_in(&c, "user_1", "2025", &calls, ok("old")).await,
+            ok("old")
+        );
+        assert_eq!(
+            get_in(&c, "user_1", "2026", &calls, ok("new")).await,
+            ok("new")
+        );
+        assert_eq!(
+            get_in(&c, "user_1", "2025", &calls, ok("x")).await,
+            ok("old")
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        c.invalidate("user_1");
+        assert_eq!(get_in(&c, "user_1", "2025", &calls, ok("a")).await, ok("a"));
+        assert_eq!(get_in(&c, "user_1", "2026", &calls, ok("b")).await, ok("b"));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_404_lives_only_the_missing_ttl() {
+        let c = ObjectCache::new(100, Duration::from_secs(60), Duration::from_millis(300));
+        let calls = AtomicUsize::new(0);
+        let missing = Cached {
+            status: StatusCode::NOT_FOUND,
+            body: Bytes::from_static(b"{}"),
+        };
+        assert_eq!(
+            get_in(&c, "user_1", "v", &calls, missing.clone()).await,
+            missing
+        );
+        assert_eq!(
+            get_in(&c, "user_1", "v", &calls, ok("x")).await,
+            missing,
+            "a hit"
+        );
+        assert_eq!(
+            get_in(&c, "user_2", "v", &calls, ok("found")).await,
+            ok("found")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            get_in(&c, "user_1", "v", &calls, ok("now")).await,
+            ok("now")
+        );
+        assert_eq!(
+            get_in(&c, "user_2", "v", &calls, ok("y")).await,
+            ok("found"),
+            "still cached"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[test]

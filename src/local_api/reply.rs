@@ -1,8 +1,9 @@
 //! The one place the local API turns outcomes into responses.
 //!
 //! Every error body has Clerk's shape, `{"errors":[{"code","message","long_message"}]}`, so a
-//! backend that used a Clerk SDK can keep branching on `errors[0].code`. Clerk's own error bodies
-//! are passed through unchanged; clerkgate's own errors use `clerkgate_*` codes, mapped
+//! backend that used a Clerk SDK can keep branching on `errors[0].code`. Clerk's own error
+//! answers (a body in Clerk's error shape) are passed through with status and body unchanged, a
+//! 500 included; clerkgate's own errors use `clerkgate_*` codes, mapped
 //! exhaustively below (a new [`LocalError`] variant does not compile until someone decides its
 //! status). Bodies carry fixed texts only: never a token, an id or an upstream error string.
 
@@ -37,6 +38,12 @@ pub enum LocalError {
     },
     InvalidId,
     InvalidBody,
+    /// A `Clerk-API-Version` header that is not a plausible version name.
+    InvalidApiVersion,
+    /// `GET /v1/jwks` with a pinned PEM key (`clerk.jwt_key`): no JWKS to serve.
+    JwksPinned,
+    /// `GET /v1/jwks` while no usable verification keys are held.
+    KeysUnavailable,
     BodyTooLarge,
     RateLimited {
         retry_after_seconds: u64,
@@ -100,6 +107,27 @@ impl LocalError {
                 "Invalid request body",
                 "The request body must be a JSON object with the fields this route expects.",
                 LocalApiResult::BadRequest,
+            ),
+            Self::InvalidApiVersion => d(
+                StatusCode::BAD_REQUEST,
+                "clerkgate_invalid_api_version",
+                "Invalid Clerk-API-Version",
+                "Clerk-API-Version must be 1 to 32 ASCII letters, digits, '-', '_' or '.' (e.g. 2025-04-10).",
+                LocalApiResult::BadRequest,
+            ),
+            Self::JwksPinned => d(
+                StatusCode::NOT_FOUND,
+                "clerkgate_jwks_unavailable",
+                "No JWKS to serve",
+                "clerkgate verifies with a pinned PEM key (clerk.jwt_key), which has no kid; give the SDK the same key as jwtKey.",
+                LocalApiResult::BadRequest,
+            ),
+            Self::KeysUnavailable => d(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "clerkgate_keys_unavailable",
+                "Verification keys unavailable",
+                "clerkgate holds no usable verification keys right now; retry later.",
+                LocalApiResult::Unavailable,
             ),
             Self::BodyTooLarge => d(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -233,9 +261,14 @@ impl Reply {
             LocalError::UpstreamUnavailable => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            LocalError::KeysUnavailable => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
             LocalError::RouteNotFound
             | LocalError::InvalidId
             | LocalError::InvalidBody
+            | LocalError::InvalidApiVersion
+            | LocalError::JwksPinned
             | LocalError::BodyTooLarge
             | LocalError::UpstreamTimeout
             | LocalError::UpstreamInvalid => {}
@@ -262,15 +295,19 @@ impl Reply {
         }
     }
 
-    /// Whatever Clerk answered, passed on: the status (a 5xx other than 503/504 as 502, since
-    /// clerkgate is the gateway), Clerk's body when it has Clerk's error shape, and a 429's
-    /// `Retry-After` unchanged.
+    /// Whatever Clerk answered, passed on: an answer in Clerk's error shape is Clerk's own, and
+    /// keeps its status (a 500 stays a 500, as the SDK would have seen it) and its body. Any
+    /// other error answer came from something between clerkgate and Clerk: its 4xx status is
+    /// kept, a 5xx other than 503/504 becomes 502 (clerkgate is the gateway), and the body is
+    /// `clerkgate_upstream_error`. A 429's `Retry-After` is passed on unchanged.
     pub fn clerk(answer: &Answer) -> Reply {
         let s = answer.status;
         if s.is_success() {
             return Self::clerk_ok(s, answer.body.clone());
         }
+        let clerks_own = clerk_shaped(&answer.body);
         let status = match s.as_u16() {
+            _ if clerks_own => s,
             503 | 504 => s,
             500..=599 => StatusCode::BAD_GATEWAY,
             _ => s,
@@ -281,7 +318,7 @@ impl Reply {
             400..=499 => LocalApiResult::ClientError,
             _ => LocalApiResult::UpstreamError,
         };
-        let body = if clerk_shaped(&answer.body) {
+        let body = if clerks_own {
             answer.body.clone()
         } else {
             errors_body(
@@ -398,6 +435,16 @@ mod tests {
             body(r).await["errors"][0]["code"],
             "clerkgate_upstream_error"
         );
+
+        // Clerk's own 500: status and body as Clerk sent them.
+        let clerk_500 = r#"{"errors":[{"code":"internal_clerk_error","message":"Oops"}],"clerk_trace_id":"t5"}"#;
+        let r = Reply::clerk(&answer(500, clerk_500, None));
+        assert_eq!(
+            (r.response.status().as_u16(), r.result),
+            (500, LocalApiResult::UpstreamError)
+        );
+        let bytes = r.response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, clerk_500.as_bytes(), "byte for byte");
 
         let r = Reply::clerk(&answer(422, clerk_404, None));
         assert_eq!(r.result, LocalApiResult::ClientError);

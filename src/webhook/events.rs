@@ -147,7 +147,9 @@ pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
             }
             sessions.changed(Changed::User(id));
         }
-        WebhookEventType::UserCreated | WebhookEventType::Other | WebhookEventType::Unverified => {}
+        // The local API may hold a brief 404 for this id (a read before Clerk announced it).
+        WebhookEventType::UserCreated => sessions.changed(Changed::User(id)),
+        WebhookEventType::Other | WebhookEventType::Unverified => {}
     }
 }
 

@@ -295,23 +295,88 @@ async fn concurrent_misses_for_one_user_make_one_backend_call() {
 }
 
 #[tokio::test]
-async fn an_unknown_user_is_clerks_404_passed_through_and_not_cached() {
-    let (clerk, _up, gate) = start(&[], "").await;
-    for expected_calls in [1, 2] {
+async fn an_unknown_user_is_clerks_404_passed_through_and_cached_briefly() {
+    let (clerk, _up, gate) = start(&[], "[local_api]\nmissing_user_cache_ttl_seconds = 1\n").await;
+    for _ in 0..3 {
         let r = get(&gate, "/v1/users/user_nobody").await;
         assert_eq!((r.status, r.code()), (404, "resource_not_found"));
         assert_eq!(
             r.body["clerk_trace_id"], "fake-trace",
             "Clerk's own body, not a rewrite"
         );
-        assert_eq!(clerk.calls(Endpoint::UsersGet), expected_calls);
     }
+    assert_eq!(
+        clerk.calls(Endpoint::UsersGet),
+        1,
+        "a burst of reads of a missing user is one Backend API call"
+    );
     assert_eq!(
         gate.metrics
             .local_api_requests
             .get(LocalApiRoute::UsersGet, LocalApiResult::NotFound),
-        2
+        3
     );
+    // The 404 lives only missing_user_cache_ttl_seconds (the user's TTL is 60 s).
+    clerk.set_user(user_json("user_nobody", "Late"));
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let r = get(&gate, "/v1/users/user_nobody").await;
+    assert_eq!(
+        (r.status, r.body["first_name"].as_str()),
+        (200, Some("Late"))
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 2);
+}
+
+#[tokio::test]
+async fn a_user_created_webhook_or_a_write_ends_a_cached_404() {
+    let clerk = FakeClerk::start().await;
+    clerk.enable_backend_api();
+    let upstream = Upstream::start().await;
+    let extra = format!("[webhooks]\nsecret = \"{}\"\n", clerk.webhook_secret());
+    let gate = Sidecar::start(&clerk, &upstream, &extra).await;
+    assert_eq!(get(&gate, "/v1/users/user_new").await.status, 404);
+    clerk.set_user(user_json("user_new", "Neo"));
+    assert_eq!(
+        get(&gate, "/v1/users/user_new").await.status,
+        404,
+        "still the cached 404 (5 s by default)"
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 1);
+    deliver_webhook(
+        &gate,
+        &clerk,
+        "msg_created_1",
+        "user.created",
+        json!({"id": "user_new", "object": "user"}),
+    )
+    .await;
+    let r = get(&gate, "/v1/users/user_new").await;
+    assert_eq!(
+        (r.status, r.body["first_name"].as_str()),
+        (200, Some("Neo"))
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 2);
+
+    // A write through the local API invalidates a cached 404 as well.
+    assert_eq!(get(&gate, "/v1/users/user_later").await.status, 404);
+    clerk.set_user(user_json("user_later", "Lea"));
+    let r = call(
+        &gate,
+        Method::PATCH,
+        "/v1/users/user_later",
+        Some(json!({"last_name": "L"})),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&gate, "/v1/users/user_later").await.status, 200);
+
+    // With the TTL at 0, 404s are not cached at all.
+    let (clerk, _up, gate) = start(&[], "[local_api]\nmissing_user_cache_ttl_seconds = 0\n").await;
+    for expected in [1, 2] {
+        assert_eq!(get(&gate, "/v1/users/user_nobody").await.status, 404);
+        assert_eq!(clerk.calls(Endpoint::UsersGet), expected);
+    }
 }
 
 #[tokio::test]
@@ -458,8 +523,21 @@ async fn a_failed_get_is_retried_and_a_failed_write_is_passed_on() {
     let r = call(&gate, Method::DELETE, "/v1/users/user_f", None, None).await;
     assert_eq!(
         (r.status, r.code()),
-        (502, "internal_clerk_error"),
-        "a Clerk 500 is a bad gateway, Clerk's body kept"
+        (500, "internal_clerk_error"),
+        "Clerk's own 500: status and body unchanged"
+    );
+    assert_eq!(r.body["clerk_trace_id"], "fake-trace");
+
+    // A GET that keeps failing: retried, then Clerk's last answer as it was.
+    clerk.fail_api_times(Failure::Status(500), 3);
+    let r = get(&gate, "/v1/users/user_f").await;
+    assert_eq!((r.status, r.code()), (500, "internal_clerk_error"));
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 5);
+    assert_eq!(
+        gate.metrics
+            .local_api_requests
+            .get(LocalApiRoute::UsersGet, LocalApiResult::UpstreamError),
+        1
     );
 }
 
@@ -809,7 +887,7 @@ async fn a_disabled_local_api_does_not_listen() {
 #[tokio::test]
 async fn unknown_routes_bad_methods_ids_and_bodies_are_refused_in_clerks_shape() {
     let (clerk, _up, gate) = start(&[("user_b", "Bo")], "").await;
-    let r = get(&gate, "/v1/jwks").await;
+    let r = get(&gate, "/v1/organizations").await;
     assert_eq!((r.status, r.code()), (404, "clerkgate_route_not_found"));
     let r = call(&gate, Method::PUT, "/v1/users/user_b", None, None).await;
     assert_eq!((r.status, r.code()), (405, "clerkgate_method_not_allowed"));
@@ -844,5 +922,397 @@ async fn unknown_routes_bad_methods_ids_and_bodies_are_refused_in_clerks_shape()
             .local_api_requests
             .get(LocalApiRoute::Unknown, LocalApiResult::BadRequest),
         3
+    );
+}
+
+#[tokio::test]
+async fn users_count_is_an_uncached_pass_through_with_its_query() {
+    let (clerk, _up, gate) =
+        start(&[("user_a", "Ada"), ("user_b", "Bo"), ("user_c", "Cy")], "").await;
+    let r = get(&gate, "/v1/users/count?user_id=user_a&user_id=user_b").await;
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (200, json!({"object": "total_count", "total_count": 2})),
+        "the filters reached Clerk"
+    );
+    assert_eq!(
+        clerk.last_query(Endpoint::UsersCount).as_deref(),
+        Some("user_id=user_a&user_id=user_b")
+    );
+    assert_eq!(get(&gate, "/v1/users/count").await.body["total_count"], 3);
+    clerk.set_user(user_json("user_d", "Dee"));
+    assert_eq!(
+        get(&gate, "/v1/users/count").await.body["total_count"],
+        4,
+        "not cached: a new user counts at once"
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersCount), 3);
+    assert_eq!(
+        clerk.calls(Endpoint::UsersGet),
+        0,
+        "count is never a user id"
+    );
+    let r = call(&gate, Method::DELETE, "/v1/users/count", None, None).await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    assert_eq!(clerk.calls(Endpoint::UsersDelete), 0);
+}
+
+#[tokio::test]
+async fn put_metadata_replaces_under_the_same_limit_and_invalidation() {
+    let (clerk, _up, gate) = start(
+        &[("user_m", "Mo")],
+        "[local_api]\nuser_updates_per_10s = 2\n",
+    )
+    .await;
+    let patch = call(
+        &gate,
+        Method::PATCH,
+        "/v1/users/user_m/metadata",
+        Some(json!({"public_metadata": {"a": {"x": 1}, "b": 2}})),
+        None,
+    )
+    .await;
+    assert_eq!(patch.status, 200);
+    assert_eq!(
+        get(&gate, "/v1/users/user_m").await.body["public_metadata"]["b"],
+        2
+    );
+    let put = call(
+        &gate,
+        Method::PUT,
+        "/v1/users/user_m/metadata",
+        Some(json!({"public_metadata": {"a": {"y": 1}}})),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (put.status, put.body["public_metadata"].clone()),
+        (200, json!({"a": {"y": 1}})),
+        "replaced, not merged"
+    );
+    assert_eq!(
+        clerk.last_body(Endpoint::UsersMetadataReplace),
+        Some(json!({"public_metadata": {"a": {"y": 1}}})),
+        "the body reached Clerk as sent"
+    );
+    assert_eq!(
+        get(&gate, "/v1/users/user_m").await.body["public_metadata"],
+        json!({"a": {"y": 1}}),
+        "the cached user was invalidated"
+    );
+    let r = call(
+        &gate,
+        Method::PUT,
+        "/v1/users/user_m/metadata",
+        Some(json!({"public_metadata": {}})),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "clerkgate_rate_limited"),
+        "the third update"
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersMetadataReplace), 1);
+    assert_eq!(
+        gate.metrics
+            .clerk_api_requests
+            .get(ApiEndpoint::UsersMetadataReplace, ApiResult::Ok),
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_callers_api_version_is_forwarded_and_keys_the_cache() {
+    let (clerk, _up, gate) = start(&[("user_v", "Vi")], "").await;
+    let versioned = |method: Method, path: &str, version: Option<&str>, body: Option<Value>| {
+        let mut req = client().request(method, gate.local_url(path));
+        if let Some(v) = version {
+            req = req.header("Clerk-API-Version", v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(
+        versioned(Method::GET, "/v1/users/user_v", None, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        clerk.last_api_version(Endpoint::UsersGet).as_deref(),
+        Some(clerkgate::clerk::API_VERSION),
+        "clerkgate's own version by default"
+    );
+    assert_eq!(
+        versioned(Method::GET, "/v1/users/user_v", Some("2025-04-10"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        clerk.last_api_version(Endpoint::UsersGet).as_deref(),
+        Some("2025-04-10"),
+        "the caller's version reached Clerk"
+    );
+    assert_eq!(
+        clerk.calls(Endpoint::UsersGet),
+        2,
+        "another version is another entry"
+    );
+    for version in [
+        None,
+        Some("2025-04-10"),
+        Some(clerkgate::clerk::API_VERSION),
+    ] {
+        versioned(Method::GET, "/v1/users/user_v", version, None).await;
+    }
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 2, "both versions cached");
+
+    let (status, _) = versioned(
+        Method::PATCH,
+        "/v1/users/user_v",
+        Some("2021-02-05"),
+        Some(json!({"first_name": "V"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        clerk.last_api_version(Endpoint::UsersUpdate).as_deref(),
+        Some("2021-02-05")
+    );
+    versioned(Method::GET, "/v1/users/count", Some("2025-04-10"), None).await;
+    assert_eq!(
+        clerk.last_api_version(Endpoint::UsersCount).as_deref(),
+        Some("2025-04-10")
+    );
+    // The write invalidated every version's entry.
+    versioned(Method::GET, "/v1/users/user_v", Some("2025-04-10"), None).await;
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 3);
+
+    let (status, body) =
+        versioned(Method::GET, "/v1/users/user_v", Some("2025-04-10\tx"), None).await;
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (400, Some("clerkgate_invalid_api_version"))
+    );
+    assert_eq!(clerk.calls(Endpoint::UsersGet), 3, "nothing reached Clerk");
+}
+
+#[tokio::test]
+async fn jwks_is_served_from_the_held_keys_without_asking_clerk() {
+    let (clerk, _up, gate) = start(&[], "").await;
+    let fetches = clerk.jwks_fetches();
+    let published = || async {
+        let r = client()
+            .get(format!("{}/v1/jwks", clerk.url))
+            .bearer_auth(&clerk.secret_key)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()
+    };
+    let clerks = published().await;
+    for _ in 0..5 {
+        let r = get(&gate, "/v1/jwks").await;
+        assert_eq!((r.status, &r.body), (200, &clerks), "Clerk's JWKS, as held");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    assert_eq!(
+        clerk.jwks_fetches(),
+        fetches + 1,
+        "five local reads, no Backend API call (the one fetch is this test's own)"
+    );
+
+    // A new key reaches the served JWKS once clerkgate fetched it (here: for a token).
+    let kid = clerk.rotate();
+    let token = clerk.session_token("user_1");
+    assert_eq!(proxied(&gate, &token).await.0, 200);
+    let r = get(&gate, "/v1/jwks").await;
+    assert_eq!(r.body, published().await);
+    assert!(r.body.to_string().contains(&kid));
+    assert_eq!(
+        gate.metrics
+            .local_api_requests
+            .get(LocalApiRoute::Jwks, LocalApiResult::Ok),
+        6
+    );
+}
+
+#[tokio::test]
+async fn jwks_with_a_pinned_pem_key_is_a_documented_404() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let pem = clerk.key("ins_fake_1").public_key_pem();
+    let gate = Sidecar::start(
+        &clerk,
+        &upstream,
+        &format!("[clerk]\njwt_key = '''\n{pem}'''\n"),
+    )
+    .await;
+    let r = get(&gate, "/v1/jwks").await;
+    assert_eq!((r.status, r.code()), (404, "clerkgate_jwks_unavailable"));
+    assert_eq!(clerk.jwks_fetches(), 0);
+}
+
+#[tokio::test]
+async fn banning_or_locking_denies_earlier_tokens_and_unbanning_passes_through() {
+    let (clerk, _up, gate) = start(&[("user_ban", "Ban"), ("user_lock", "Lock")], "").await;
+    for (user, action, field) in [
+        ("user_ban", "ban", "banned"),
+        ("user_lock", "lock", "locked"),
+    ] {
+        let token = older_token(&clerk, user);
+        assert_eq!(proxied(&gate, &token).await.0, 200);
+        assert_eq!(
+            get(&gate, &format!("/v1/users/{user}")).await.body[field],
+            false
+        );
+        let r = call(
+            &gate,
+            Method::POST,
+            &format!("/v1/users/{user}/{action}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{action}");
+        let (status, body) = proxied(&gate, &token).await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (401, Some("user-revoked")),
+            "{action}: earlier tokens refused at once"
+        );
+        assert_eq!(
+            get(&gate, &format!("/v1/users/{user}")).await.body[field],
+            true,
+            "{action}: the cached user was invalidated"
+        );
+    }
+    for (user, action, field) in [
+        ("user_ban", "unban", "banned"),
+        ("user_lock", "unlock", "locked"),
+    ] {
+        let r = call(
+            &gate,
+            Method::POST,
+            &format!("/v1/users/{user}/{action}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body[field].as_bool()),
+            (200, Some(false)),
+            "{action}"
+        );
+        assert_eq!(
+            get(&gate, &format!("/v1/users/{user}")).await.body[field],
+            false
+        );
+    }
+    assert_eq!(clerk.calls(Endpoint::UsersModerate), 4);
+    assert_eq!(
+        clerk.calls(Endpoint::UsersGet),
+        6,
+        "every write invalidated"
+    );
+
+    // Clerk's refusal denies nothing.
+    let token = older_token(&clerk, "user_ghost");
+    let r = call(&gate, Method::POST, "/v1/users/user_ghost/ban", None, None).await;
+    assert_eq!((r.status, r.code()), (404, "resource_not_found"));
+    assert_eq!(proxied(&gate, &token).await.0, 200);
+}
+
+#[tokio::test]
+async fn memberships_template_tokens_and_verify_session_pass_through() {
+    let (clerk, _up, gate) = start(&[("user_o", "Oz")], "").await;
+    clerk.add_membership("user_o", "org_a", "org:admin");
+    clerk.add_membership("user_o", "org_b", "org:member");
+    clerk.add_session("sess_o1", "user_o", "active");
+    clerk.add_jwt_template("supabase");
+
+    let r = get(
+        &gate,
+        "/v1/users/user_o/organization_memberships?limit=1&offset=1",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["total_count"], 2);
+    assert_eq!(r.body["data"][0]["organization"]["id"], "org_b");
+    assert_eq!(
+        clerk.last_query(Endpoint::UsersMemberships).as_deref(),
+        Some("limit=1&offset=1")
+    );
+    get(&gate, "/v1/users/user_o/organization_memberships").await;
+    assert_eq!(clerk.calls(Endpoint::UsersMemberships), 2, "not cached");
+
+    let r = call(
+        &gate,
+        Method::POST,
+        "/v1/sessions/sess_o1/tokens/supabase",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.body["object"].as_str()), (200, Some("token")));
+    assert_eq!(
+        claim(r.body["jwt"].as_str().unwrap(), "template"),
+        "supabase"
+    );
+    let r = call(
+        &gate,
+        Method::POST,
+        "/v1/sessions/sess_o1/tokens",
+        Some(json!({"expires_in_seconds": 120})),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        clerk.last_body(Endpoint::SessionsToken),
+        Some(json!({"expires_in_seconds": 120}))
+    );
+    let r = call(
+        &gate,
+        Method::POST,
+        "/v1/sessions/sess_o1/tokens/nope",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (404, "resource_not_found"));
+    let r = call(
+        &gate,
+        Method::POST,
+        "/v1/sessions/sess_o1/tokens/a.b",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "clerkgate_invalid_id"));
+    assert_eq!(clerk.calls(Endpoint::SessionsToken), 3);
+
+    let r = call(
+        &gate,
+        Method::POST,
+        "/v1/sessions/sess_o1/verify",
+        Some(json!({"token": "t"})),
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.body["id"].as_str()), (200, Some("sess_o1")));
+    assert_eq!(
+        gate.metrics
+            .clerk_api_requests
+            .get(ApiEndpoint::SessionsVerify, ApiResult::Ok),
+        1
     );
 }

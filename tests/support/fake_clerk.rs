@@ -6,10 +6,14 @@
 //! fetches, so tests can assert how often the code under test went to "Clerk".
 //!
 //! It also serves the users and sessions part of the Backend API the local API maps to
-//! (clerk-protocol.md §3): `GET/PATCH/DELETE /v1/users/{id}`, `PATCH /v1/users/{id}/metadata`,
-//! `GET /v1/users`, `GET /v1/sessions`, `POST /v1/sessions/{id}/revoke`, `POST /v1/sessions`,
-//! with calls counted per [`Endpoint`], failure injection ([`FakeClerk::fail_api`]) and a gate
-//! that holds answers until released ([`FakeClerk::hold_api`]). Those endpoints are off until
+//! (clerk-protocol.md §3): `GET/PATCH/DELETE /v1/users/{id}`, `PATCH`/`PUT
+//! /v1/users/{id}/metadata`, `GET /v1/users`, `GET /v1/users/count`, `POST
+//! /v1/users/{id}/{ban,unban,lock,unlock}`, `GET /v1/users/{id}/organization_memberships`,
+//! `GET /v1/sessions`, `POST /v1/sessions/{id}/revoke`, `POST /v1/sessions`, `POST
+//! /v1/sessions/{id}/tokens[/{template}]`, `POST /v1/sessions/{id}/verify`, with calls counted
+//! per [`Endpoint`], the query, body and `Clerk-API-Version` of the last call kept, failure
+//! injection ([`FakeClerk::fail_api`], [`FakeClerk::fail_user`]) and a gate that holds answers
+//! until released ([`FakeClerk::hold_api`]). Those endpoints are off until
 //! [`FakeClerk::enable_backend_api`], so a fresh fake still answers 404 on every other path.
 //!
 //! One fake per test: it is started before the code under test and shut down when dropped.
@@ -70,6 +74,18 @@ pub enum Endpoint {
     SessionsRevoke,
     /// `POST /v1/sessions`
     SessionsCreate,
+    /// `GET /v1/users/count`
+    UsersCount,
+    /// `PUT /v1/users/{id}/metadata`
+    UsersMetadataReplace,
+    /// `POST /v1/users/{id}/ban`, `unban`, `lock`, `unlock`
+    UsersModerate,
+    /// `GET /v1/users/{id}/organization_memberships`
+    UsersMemberships,
+    /// `POST /v1/sessions/{id}/tokens[/{template}]`
+    SessionsToken,
+    /// `POST /v1/sessions/{id}/verify`
+    SessionsVerify,
 }
 
 /// A Clerk-like User object (the fields a test usually looks at; timestamps in ms).
@@ -143,6 +159,14 @@ struct State {
     last_body: HashMap<Endpoint, Value>,
     /// Sessions created by `POST /v1/sessions`.
     created_sessions: usize,
+    /// `Clerk-API-Version` of the last call per endpoint.
+    last_version: HashMap<Endpoint, String>,
+    /// Users whose `GET /v1/users/{id}` always answers this status (Clerk-shaped).
+    user_failures: HashMap<String, u16>,
+    /// Organization memberships per user: `(org id, role)`, in order.
+    memberships: BTreeMap<String, Vec<(String, String)>>,
+    /// JWT templates `POST /v1/sessions/{id}/tokens/{template}` knows.
+    templates: Vec<String>,
 }
 
 impl FakeClerk {
@@ -167,6 +191,10 @@ impl FakeClerk {
                 last_query: HashMap::new(),
                 last_body: HashMap::new(),
                 created_sessions: 0,
+                last_version: HashMap::new(),
+                user_failures: HashMap::new(),
+                memberships: BTreeMap::new(),
+                templates: Vec::new(),
             }),
             fetches: watch::Sender::new(0),
             api_calls: watch::Sender::new(HashMap::new()),
@@ -354,6 +382,43 @@ impl FakeClerk {
     /// The JSON body of the last call to `endpoint`.
     pub fn last_body(&self, endpoint: Endpoint) -> Option<Value> {
         self.state().last_body.get(&endpoint).cloned()
+    }
+
+    /// The `Clerk-API-Version` header of the last call to `endpoint`.
+    pub fn last_api_version(&self, endpoint: Endpoint) -> Option<String> {
+        self.state().last_version.get(&endpoint).cloned()
+    }
+
+    /// Makes `GET /v1/users/{id}` of this user always answer `status` in Clerk's error shape.
+    pub fn fail_user(&self, id: &str, status: u16) {
+        self.state().user_failures.insert(id.to_owned(), status);
+    }
+
+    /// Makes `user_id` a member of `org_id` with `role`.
+    pub fn add_membership(&self, user_id: &str, org_id: &str, role: &str) {
+        self.state()
+            .memberships
+            .entry(user_id.to_owned())
+            .or_default()
+            .push((org_id.to_owned(), role.to_owned()));
+    }
+
+    /// Defines a JWT template for `POST /v1/sessions/{id}/tokens/{name}`.
+    pub fn add_jwt_template(&self, name: &str) {
+        self.state().templates.push(name.to_owned());
+    }
+
+    /// Forgets every user, session, membership, template and per-user failure (call counters
+    /// and last calls are kept), so a test can replay a scenario from the same state.
+    pub fn reset_backend_api(&self) {
+        let mut state = self.state();
+        state.users.clear();
+        state.sessions.clear();
+        state.session_users.clear();
+        state.created_sessions = 0;
+        state.user_failures.clear();
+        state.memberships.clear();
+        state.templates.clear();
     }
 
     /// Makes every users and sessions API endpoint misbehave from the next call on.
@@ -649,6 +714,16 @@ fn api_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
     let segments: Vec<&str> = path.strip_prefix("/v1/")?.split('/').collect();
     Some(match (method, segments.as_slice()) {
         (&Method::GET, ["users"]) => Endpoint::UsersList,
+        (&Method::GET, ["users", "count"]) => Endpoint::UsersCount,
+        (&Method::PUT, ["users", _, "metadata"]) => Endpoint::UsersMetadataReplace,
+        (&Method::POST, ["users", _, "ban" | "unban" | "lock" | "unlock"]) => {
+            Endpoint::UsersModerate
+        }
+        (&Method::GET, ["users", _, "organization_memberships"]) => Endpoint::UsersMemberships,
+        (&Method::POST, ["sessions", _, "tokens"] | ["sessions", _, "tokens", _]) => {
+            Endpoint::SessionsToken
+        }
+        (&Method::POST, ["sessions", _, "verify"]) => Endpoint::SessionsVerify,
         (&Method::GET, ["users", _]) => Endpoint::UsersGet,
         (&Method::PATCH, ["users", _]) => Endpoint::UsersUpdate,
         (&Method::DELETE, ["users", _]) => Endpoint::UsersDelete,
@@ -657,6 +732,75 @@ fn api_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
         (&Method::POST, ["sessions"]) => Endpoint::SessionsCreate,
         (&Method::POST, ["sessions", _, "revoke"]) => Endpoint::SessionsRevoke,
         _ => return None,
+    })
+}
+
+/// Every value of `key` (also as `key[]`) in a query string.
+fn query_values(query: &str, key: &str) -> Vec<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == key || k.strip_suffix("[]") == Some(key))
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
+/// The `GET /v1/users` and `/v1/users/count` filters the fake knows: `user_id`,
+/// `email_address` (any of them) and `query` (a substring of the id or first name).
+fn user_matches(user: &Value, query: &str) -> bool {
+    let ids = query_values(query, "user_id");
+    let emails = query_values(query, "email_address");
+    let text = query_values(query, "query");
+    let id = user["id"].as_str().unwrap_or("");
+    let first_name = user["first_name"].as_str().unwrap_or("");
+    let has_email = |wanted: &String| {
+        user["email_addresses"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e["email_address"].as_str() == Some(wanted))
+        })
+    };
+    (ids.is_empty() || ids.iter().any(|w| w == id))
+        && (emails.is_empty() || emails.iter().any(has_email))
+        && text
+            .iter()
+            .all(|t| id.contains(t.as_str()) || first_name.contains(t.as_str()))
+}
+
+/// A Clerk-like OrganizationMembership of `user` in `org`.
+fn membership_json(user: &Value, org: &str, role: &str) -> Value {
+    let user_id = user["id"].as_str().unwrap_or("");
+    json!({
+        "object": "organization_membership",
+        "id": format!("orgmem_{org}_{user_id}"),
+        "role": role,
+        "role_name": role.trim_start_matches("org:"),
+        "permissions": [],
+        "public_metadata": {},
+        "private_metadata": {},
+        "created_at": 1_716_883_200_000u64,
+        "updated_at": 1_716_883_200_000u64,
+        "organization": {
+            "object": "organization",
+            "id": org,
+            "name": org,
+            "slug": org,
+            "image_url": "https://img.clerk.com/org",
+            "has_image": false,
+            "created_by": user_id,
+            "created_at": 1_716_883_200_000u64,
+            "updated_at": 1_716_883_200_000u64,
+            "public_metadata": {},
+            "private_metadata": {},
+            "max_allowed_memberships": 5,
+            "admin_delete_enabled": true,
+            "members_count": 1,
+        },
+        "public_user_data": {
+            "user_id": user_id,
+            "first_name": user["first_name"],
+            "last_name": user["last_name"],
+            "image_url": user["image_url"],
+            "has_image": false,
+            "identifier": format!("{user_id}@example.com"),
+        },
     })
 }
 
@@ -721,6 +865,12 @@ async fn api(
         .map(HeaderValue::as_bytes)
         == Some(format!("Bearer {}", shared.secret_key).as_bytes());
     let query = request.uri().query().unwrap_or("").to_owned();
+    let version = request
+        .headers()
+        .get("clerk-api-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let body =
         match tokio::time::timeout(Duration::from_secs(5), request.into_body().collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -730,6 +880,7 @@ async fn api(
     let failure = {
         let mut state = shared.state();
         state.last_query.insert(endpoint, query.clone());
+        state.last_version.insert(endpoint, version);
         if let Some(b) = &json_body {
             state.last_body.insert(endpoint, b.clone());
         }
@@ -767,6 +918,16 @@ async fn api(
 
     let segments: Vec<&str> = path["/v1/".len()..].split('/').collect();
     let id = segments.get(1).copied().unwrap_or("");
+    let user_failure = if endpoint == Endpoint::UsersGet {
+        shared.state().user_failures.get(id).copied()
+    } else {
+        None
+    };
+    if let Some(status) = user_failure {
+        return injected(Failure::Status(status), shutdown)
+            .await
+            .expect("a status failure answers");
+    }
     let mut state = shared.state();
     match endpoint {
         Endpoint::UsersGet => match state.users.get(id) {
@@ -774,24 +935,126 @@ async fn api(
             None => not_found("user"),
         },
         Endpoint::UsersList => {
-            let wanted: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
-                .filter(|(k, _)| k == "user_id" || k == "user_id[]")
-                .map(|(_, v)| v.into_owned())
-                .collect();
-            let limit = url::form_urlencoded::parse(query.as_bytes())
-                .find(|(k, _)| k == "limit")
-                .and_then(|(_, v)| v.parse::<usize>().ok())
+            let limit = query_values(&query, "limit")
+                .first()
+                .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(10);
+            let offset = query_values(&query, "offset")
+                .first()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
             let users: Vec<Value> = state
                 .users
                 .values()
-                .filter(|u| wanted.is_empty() || wanted.iter().any(|w| u["id"].as_str() == Some(w)))
+                .filter(|u| user_matches(u, &query))
+                .skip(offset)
                 .take(limit)
                 .cloned()
                 .collect();
             ok_json(&Value::Array(users))
         }
-        Endpoint::UsersUpdate | Endpoint::UsersMetadata => {
+        Endpoint::UsersCount => {
+            let n = state
+                .users
+                .values()
+                .filter(|u| user_matches(u, &query))
+                .count();
+            ok_json(&json!({"object": "total_count", "total_count": n}))
+        }
+        Endpoint::UsersModerate => {
+            let action = segments.get(2).copied().unwrap_or("");
+            let Some(user) = state.users.get_mut(id) else {
+                return not_found("user");
+            };
+            match action {
+                "ban" => user["banned"] = json!(true),
+                "unban" => user["banned"] = json!(false),
+                "lock" => user["locked"] = json!(true),
+                _ => user["locked"] = json!(false),
+            }
+            user["updated_at"] = json!(user["updated_at"].as_u64().unwrap_or(0) + 1);
+            let user = user.clone();
+            if action == "ban" {
+                // Clerk revokes a banned user's sessions.
+                let theirs: Vec<String> = state
+                    .session_users
+                    .iter()
+                    .filter(|(_, u)| u.as_str() == id)
+                    .map(|(sid, _)| sid.clone())
+                    .collect();
+                for sid in theirs {
+                    state.sessions.insert(sid, "revoked".to_owned());
+                }
+            }
+            ok_json(&user)
+        }
+        Endpoint::UsersMemberships => {
+            let Some(user) = state.users.get(id) else {
+                return not_found("user");
+            };
+            let all = state.memberships.get(id).cloned().unwrap_or_default();
+            let limit = query_values(&query, "limit")
+                .first()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(10);
+            let offset = query_values(&query, "offset")
+                .first()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let data: Vec<Value> = all
+                .iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(org, role)| membership_json(user, org, role))
+                .collect();
+            ok_json(&json!({"data": data, "total_count": all.len()}))
+        }
+        Endpoint::SessionsToken => {
+            let template = segments.get(3).copied();
+            let Some(user) = state
+                .sessions
+                .contains_key(id)
+                .then(|| state.session_users.get(id).map_or("user_1", String::as_str))
+            else {
+                return not_found("session");
+            };
+            if let Some(template) = template
+                && !state.templates.iter().any(|t| t == template)
+            {
+                return not_found("JWT template");
+            }
+            let lifetime = json_body
+                .as_ref()
+                .and_then(|b| b["expires_in_seconds"].as_u64())
+                .unwrap_or(60);
+            // Fixed times, so the same call always mints the same token.
+            let iat = 1_716_883_200u64;
+            let mut claims = json!({"iss": ISSUER, "sub": user, "sid": id, "iat": iat, "nbf": iat - 10, "exp": iat + lifetime});
+            if let Some(template) = template {
+                claims["template"] = json!(template);
+            }
+            let jwt = state.current.mint(&claims);
+            ok_json(&json!({"object": "token", "jwt": jwt}))
+        }
+        Endpoint::SessionsVerify => {
+            if json_body
+                .as_ref()
+                .and_then(|b| b["token"].as_str())
+                .is_none_or(str::is_empty)
+            {
+                return clerk_error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "form_param_missing",
+                    "missing",
+                    "token is required.",
+                );
+            }
+            match session_json(&state, id) {
+                Some(session) => ok_json(&session),
+                None => not_found("session"),
+            }
+        }
+        Endpoint::UsersUpdate | Endpoint::UsersMetadata | Endpoint::UsersMetadataReplace => {
             let Some(Value::Object(patch)) = json_body else {
                 return clerk_error(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -811,6 +1074,10 @@ async fn api(
                 if endpoint == Endpoint::UsersMetadata {
                     if metadata {
                         deep_merge(&mut user[k.as_str()], v);
+                    }
+                } else if endpoint == Endpoint::UsersMetadataReplace {
+                    if metadata {
+                        user[k.as_str()] = v.clone();
                     }
                 } else if !metadata && k != "id" && k != "object" {
                     user[k.as_str()] = v.clone();
