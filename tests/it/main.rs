@@ -3,6 +3,7 @@ mod keys;
 mod local_api;
 mod operations;
 mod proxy_basics;
+mod sdk_compat;
 mod security;
 mod sessions;
 #[path = "../support/mod.rs"]

@@ -99,7 +99,7 @@ pub fn user_json(id: &str, first_name: &str) -> Value {
         "last_name": "Tester",
         "image_url": "https://img.clerk.com/fake",
         "primary_email_address_id": format!("idn_{id}"),
-        "email_addresses": [{"id": format!("idn_{id}"), "object": "email_address", "email_address": format!("{id}@example.com")}],
+        "email_addresses": [{"id": format!("idn_{id}"), "object": "email_address", "email_address": format!("{id}@example.com"), "verification": null, "linked_to": []}],
         "public_metadata": {},
         "private_metadata": {},
         "unsafe_metadata": {},
