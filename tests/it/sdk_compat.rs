@@ -56,10 +56,16 @@ fn seed(clerk: &FakeClerk) {
 }
 
 /// Runs the scenario against `api_url` and returns its results by call name.
-async fn run_sdk(api_url: &str, secret_key: &str, token: &str) -> Map<String, Value> {
+async fn run_sdk(
+    clerk: &FakeClerk,
+    api_url: &str,
+    secret_key: &str,
+    token: &str,
+) -> Map<String, Value> {
     let run = tokio::process::Command::new("node")
         .arg("compat.mjs")
         .current_dir(sdk_dir())
+        .env("PUBLISHABLE_KEY", clerk.publishable_key())
         .env("API_URL", api_url)
         .env("SECRET_KEY", secret_key)
         .env("SESSION_TOKEN", token)
@@ -108,14 +114,20 @@ async fn clerks_node_sdk_gets_the_same_results_from_the_local_api_as_from_clerk(
     let token = clerk.session_token("user_ada");
 
     // Through clerkgate, with a secret the local API does not need (and Clerk never sees).
-    let via_gate = run_sdk(&gate.local_url(""), "sk_test_not_the_secret", &token).await;
+    let via_gate = run_sdk(
+        &clerk,
+        &gate.local_url(""),
+        "sk_test_not_the_secret",
+        &token,
+    )
+    .await;
     let count_calls = clerk.calls(Endpoint::UsersCount);
     let count_query = clerk.last_query(Endpoint::UsersCount);
     let jwks_fetches = clerk.jwks_fetches();
 
     clerk.reset_backend_api();
     seed(&clerk);
-    let direct = run_sdk(&clerk.url, &clerk.secret_key, &token).await;
+    let direct = run_sdk(&clerk, &clerk.url, &clerk.secret_key, &token).await;
 
     // The scenario itself must mean something: the direct results are the expected ones.
     assert_eq!(ok(&direct, "getUser")["firstName"], "Ada");
@@ -139,6 +151,8 @@ async fn clerks_node_sdk_gets_the_same_results_from_the_local_api_as_from_clerk(
     assert_eq!(ok(&direct, "getUser after ban")["banned"], true);
     assert!(ok(&direct, "getToken template")["jwt"].is_string());
     assert_eq!(ok(&direct, "verifyToken")["sub"], "user_ada");
+    assert_eq!(ok(&direct, "authenticateRequest")["status"], "signed-in");
+    assert_eq!(ok(&direct, "authenticateRequest")["userId"], "user_ada");
     assert_eq!(
         ok(&direct, "getOrganizationMembershipList")["totalCount"],
         2

@@ -3,7 +3,8 @@
 // the same starting state, once against clerkgate's local API and once against the fake Clerk
 // directly, and compares the two outputs call by call.
 //
-//   API_URL=http://127.0.0.1:PORT SECRET_KEY=sk_... SESSION_TOKEN=eyJ... node compat.mjs
+//   API_URL=http://127.0.0.1:PORT SECRET_KEY=sk_... SESSION_TOKEN=eyJ... PUBLISHABLE_KEY=pk_... \
+//     node compat.mjs
 //
 // The calls and their order are the scenario: the fake's state (seeded by the Rust test) must be
 // the same at the start of both runs. A result is {"ok": <the SDK's value as JSON>} or
@@ -14,8 +15,8 @@ import { createClerkClient, verifyToken } from "@clerk/backend";
 const apiUrl = process.env.API_URL;
 const secretKey = process.env.SECRET_KEY;
 const sessionToken = process.env.SESSION_TOKEN;
-if (!apiUrl || !secretKey || !sessionToken) {
-  console.error("API_URL, SECRET_KEY and SESSION_TOKEN are required");
+if (!apiUrl || !secretKey || !sessionToken || !process.env.PUBLISHABLE_KEY) {
+  console.error("API_URL, SECRET_KEY, SESSION_TOKEN and PUBLISHABLE_KEY are required");
   process.exit(2);
 }
 
@@ -114,5 +115,13 @@ await run("getUser after delete", () => users.getUser("user_del"));
 await run("getJwks", () => clerk.jwks.getJwks());
 await run("verifyToken", () => verifyToken(sessionToken, { secretKey, apiUrl, skipJwksCache: true }));
 await run("verifyToken garbage", () => verifyToken("not.a.token", { secretKey, apiUrl, skipJwksCache: true }));
+await run("authenticateRequest", async () => {
+  const request = new Request("http://app.example/private", {
+    headers: { Authorization: `Bearer ${sessionToken}` },
+  });
+  const state = await clerk.authenticateRequest(request, { publishableKey: process.env.PUBLISHABLE_KEY });
+  const auth = state.toAuth();
+  return { status: state.status, reason: state.reason ?? null, userId: auth?.userId ?? null, sessionId: auth?.sessionId ?? null };
+});
 
 process.stdout.write(JSON.stringify(results));
