@@ -40,6 +40,7 @@ pub mod limit;
 pub mod reply;
 pub mod route;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -308,16 +309,53 @@ enum Object {
 /// Longest accepted `Clerk-API-Version` (Clerk's are dates, `2025-04-10`).
 const MAX_API_VERSION_CHARS: usize = 32;
 
-/// The caller's `Clerk-API-Version`, if it sent one other than clerkgate's own. Only plausible
-/// version names are forwarded: they become a header to Clerk and part of a cache key.
-fn caller_api_version(headers: &HeaderMap) -> Result<Option<&str>, LocalError> {
-    let Some(value) = headers.get("clerk-api-version") else {
-        return Ok(None);
+/// Clerk's alternative to the header: the version as a query parameter (never both).
+const API_VERSION_PARAM: &str = "__clerk_api_version";
+
+/// The caller's API version, from `Clerk-API-Version` or `__clerk_api_version` (Clerk accepts
+/// either, never both), if it is not clerkgate's own; and the query to pass on, without that
+/// parameter (the version always travels as the header, so a query-carried one does not end up
+/// sent twice). Only plausible version names are accepted: they become a header to Clerk and
+/// part of a cache key.
+fn caller_api_version<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Result<(Option<&'a str>, Option<Cow<'a, str>>), LocalError> {
+    let header = match headers.get("clerk-api-version") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| LocalError::InvalidApiVersion)?
+                .trim(),
+        ),
+        None => None,
     };
-    let version = value
-        .to_str()
-        .map_err(|_| LocalError::InvalidApiVersion)?
-        .trim();
+    let (in_query, query) = match query {
+        Some(q) if q.contains(API_VERSION_PARAM) => {
+            let mut found = None;
+            let mut kept = String::with_capacity(q.len());
+            for piece in q.split('&') {
+                let (key, value) = piece.split_once('=').unwrap_or((piece, ""));
+                if key == API_VERSION_PARAM {
+                    if found.replace(value).is_some() {
+                        return Err(LocalError::InvalidApiVersion);
+                    }
+                } else {
+                    if !kept.is_empty() {
+                        kept.push('&');
+                    }
+                    kept.push_str(piece);
+                }
+            }
+            (found, (!kept.is_empty()).then_some(Cow::Owned(kept)))
+        }
+        other => (None, other.map(Cow::Borrowed)),
+    };
+    let version = match (header, in_query) {
+        (Some(_), Some(_)) => return Err(LocalError::InvalidApiVersion),
+        (Some(v), None) | (None, Some(v)) => v,
+        (None, None) => return Ok((None, query)),
+    };
     let plausible = !version.is_empty()
         && version.len() <= MAX_API_VERSION_CHARS
         && version
@@ -326,7 +364,7 @@ fn caller_api_version(headers: &HeaderMap) -> Result<Option<&str>, LocalError> {
     if !plausible {
         return Err(LocalError::InvalidApiVersion);
     }
-    Ok((version != API_VERSION).then_some(version))
+    Ok(((version != API_VERSION).then_some(version), query))
 }
 
 /// What a user write does besides invalidating the cached user.
@@ -428,12 +466,12 @@ impl LocalApi {
                 return (label, Reply::error(e));
             }
         };
-        let version = match caller_api_version(&parts.headers) {
-            Ok(version) => version,
+        let (version, query) = match caller_api_version(&parts.headers, parts.uri.query()) {
+            Ok(found) => found,
             Err(e) => return (label, Reply::error(e)),
         };
         let to = Target {
-            query: parts.uri.query(),
+            query: query.as_deref(),
             version,
         };
         let reply = match route {
@@ -616,9 +654,12 @@ impl LocalApi {
                 api_version: owned_version.as_deref(),
             };
             match api.call(call).await {
+                // Only Clerk's own 404 (its error shape), not one from something in between.
                 Ok(answer)
                     if answer.status.is_success()
-                        || (cache_missing && answer.status == StatusCode::NOT_FOUND) =>
+                        || (cache_missing
+                            && answer.status == StatusCode::NOT_FOUND
+                            && reply::clerk_shaped(&answer.body)) =>
                 {
                     Ok(Cached {
                         status: answer.status,
@@ -938,17 +979,16 @@ mod tests {
             h.insert("clerk-api-version", HeaderValue::from_bytes(value).unwrap());
             h
         };
-        assert_eq!(caller_api_version(&HeaderMap::new()), Ok(None));
+        let version =
+            |h: &HeaderMap| caller_api_version(h, None).map(|(v, _)| v.map(str::to_owned));
+        assert_eq!(version(&HeaderMap::new()), Ok(None));
+        assert_eq!(version(&with(b"2025-04-10")), Ok(Some("2025-04-10".into())));
         assert_eq!(
-            caller_api_version(&with(b"2025-04-10")),
-            Ok(Some("2025-04-10"))
+            version(&with(b" 2021-02-05 ")),
+            Ok(Some("2021-02-05".into()))
         );
         assert_eq!(
-            caller_api_version(&with(b" 2021-02-05 ")),
-            Ok(Some("2021-02-05"))
-        );
-        assert_eq!(
-            caller_api_version(&with(API_VERSION.as_bytes())),
+            version(&with(API_VERSION.as_bytes())),
             Ok(None),
             "clerkgate's own version shares the default cache entries"
         );
@@ -960,11 +1000,55 @@ mod tests {
             "v".repeat(33).as_bytes(),
         ] {
             assert_eq!(
-                caller_api_version(&with(bad)),
+                version(&with(bad)),
                 Err(LocalError::InvalidApiVersion),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_query_api_version_becomes_the_header_and_leaves_the_query() {
+        let none = HeaderMap::new();
+        let split = |h: &HeaderMap, q: &'static str| {
+            caller_api_version(h, Some(q))
+                .map(|(v, q)| (v.map(str::to_owned), q.map(|q| q.into_owned())))
+        };
+        assert_eq!(
+            split(
+                &none,
+                "limit=1&__clerk_api_version=2025-04-10&user_id=u%20x"
+            ),
+            Ok((
+                Some("2025-04-10".into()),
+                Some("limit=1&user_id=u%20x".into())
+            )),
+            "the rest of the query byte for byte"
+        );
+        assert_eq!(
+            split(&none, "__clerk_api_version=2025-04-10"),
+            Ok((Some("2025-04-10".into()), None))
+        );
+        assert_eq!(
+            split(&none, "limit=1&offset=2"),
+            Ok((None, Some("limit=1&offset=2".into())))
+        );
+        let mut header = HeaderMap::new();
+        header.insert("clerk-api-version", HeaderValue::from_static("2025-04-10"));
+        for bad in [
+            "__clerk_api_version=2025-04-10",
+            "__clerk_api_version=a&__clerk_api_version=b",
+        ] {
+            assert_eq!(
+                split(&header, bad),
+                Err(LocalError::InvalidApiVersion),
+                "both, or twice"
+            );
+        }
+        assert_eq!(
+            split(&none, "__clerk_api_version=2025%2D04"),
+            Err(LocalError::InvalidApiVersion)
+        );
     }
 
     #[test]

@@ -229,7 +229,7 @@ fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
 }
 
 /// `true` for Clerk's error shape: an object with a non-empty `errors` array.
-fn clerk_shaped(body: &[u8]) -> bool {
+pub fn clerk_shaped(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body).is_ok_and(|v| {
         v.get("errors")
             .and_then(Value::as_array)

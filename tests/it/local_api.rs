@@ -1092,6 +1092,22 @@ async fn the_callers_api_version_is_forwarded_and_keys_the_cache() {
         clerk.last_api_version(Endpoint::UsersCount).as_deref(),
         Some("2025-04-10")
     );
+    // Clerk's query-parameter form travels as the header, never both.
+    versioned(
+        Method::GET,
+        "/v1/users/count?__clerk_api_version=2024-10-01&user_id=user_v",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        clerk.last_api_version(Endpoint::UsersCount).as_deref(),
+        Some("2024-10-01")
+    );
+    assert_eq!(
+        clerk.last_query(Endpoint::UsersCount).as_deref(),
+        Some("user_id=user_v")
+    );
     // The write invalidated every version's entry.
     versioned(Method::GET, "/v1/users/user_v", Some("2025-04-10"), None).await;
     assert_eq!(clerk.calls(Endpoint::UsersGet), 3);
