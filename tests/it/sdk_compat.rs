@@ -110,17 +110,18 @@ async fn clerks_node_sdk_gets_the_same_results_from_the_local_api_as_from_clerk(
     clerk.enable_backend_api();
     seed(&clerk);
     let upstream = Upstream::start().await;
-    let gate = Sidecar::start(&clerk, &upstream, "").await;
-    let token = clerk.session_token("user_ada");
-
-    // Through clerkgate, with a secret the local API does not need (and Clerk never sees).
-    let via_gate = run_sdk(
+    let local_token = "local-api-token-for-the-sdk";
+    let gate = Sidecar::start(
         &clerk,
-        &gate.local_url(""),
-        "sk_test_not_the_secret",
-        &token,
+        &upstream,
+        &format!("[local_api]\ntoken = \"{local_token}\"\n"),
     )
     .await;
+    let token = clerk.session_token("user_ada");
+
+    // Through clerkgate: the SDK's "secret key" is local_api.token (sent as its bearer); the
+    // real secret stays in clerkgate.
+    let via_gate = run_sdk(&clerk, &gate.local_url(""), local_token, &token).await;
     let count_calls = clerk.calls(Endpoint::UsersCount);
     let count_query = clerk.last_query(Endpoint::UsersCount);
     let jwks_fetches = clerk.jwks_fetches();
