@@ -38,6 +38,9 @@ impl Default for Config {
 pub struct Readiness {
     draining: AtomicBool,
     keys: Arc<KeyStore>,
+    /// The fleet store's link, when configured, and whether it must be up
+    /// (`fleet.on_unavailable = "fail_closed"`) or only have settled.
+    fleet: Option<(Arc<crate::fleet::Link>, bool)>,
 }
 
 impl Readiness {
@@ -45,7 +48,15 @@ impl Readiness {
         Self {
             draining: AtomicBool::new(false),
             keys,
+            fleet: None,
         }
+    }
+
+    /// Not ready until the fleet store's first load is over; with `required`
+    /// (`fleet.on_unavailable = "fail_closed"`) not ready while Redis is unreachable.
+    pub fn with_fleet(mut self, link: Arc<crate::fleet::Link>, required: bool) -> Self {
+        self.fleet = Some((link, required));
+        self
     }
 
     /// Called at the start of shutdown: load balancers stop sending new traffic.
@@ -64,6 +75,16 @@ impl Readiness {
         }
         if !self.keys.ready() {
             return Err("keys-unavailable");
+        }
+        if let Some((link, required)) = &self.fleet {
+            if !link.settled() {
+                return Err("fleet-loading (first load of the fleet state from Redis)");
+            }
+            if *required && !link.is_up() {
+                return Err(
+                    "fleet-unavailable (Redis unreachable, fleet.on_unavailable = fail_closed)",
+                );
+            }
         }
         Ok(())
     }

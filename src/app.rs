@@ -15,6 +15,7 @@ use crate::auth::jwks::{JwksSettings, KeyStore};
 use crate::auth::verify::Verifier;
 use crate::clerk::api::BackendApi;
 use crate::config::{Config, ConfigError};
+use crate::fleet::{Fleet, FleetStore};
 use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
 use crate::server::{self, Limits};
@@ -77,6 +78,8 @@ pub struct App {
     pub proxy: Arc<Proxy>,
     /// The pod-local Clerk API, when enabled and a secret key is configured.
     pub local_api: Option<Arc<LocalApi>>,
+    /// The shared fleet store's client, when `fleet.redis_url` is set.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 /// Why the app could not start (beyond configuration errors).
@@ -119,18 +122,37 @@ impl App {
             )
             .with_max_token_bytes(config.auth.max_token_bytes),
         );
-        let store: Arc<dyn SessionStore> = Arc::new(InMemoryStore::new(
-            Duration::from_secs(config.sessions.duration_seconds),
+        // Retain webhook ids well past the Svix tolerance window.
+        let webhook_retention = Duration::from_secs(
+            config
+                .webhooks
+                .tolerance_seconds
+                .saturating_mul(2)
+                .max(3600),
+        );
+        let retention = Duration::from_secs(config.sessions.duration_seconds);
+        let local = Arc::new(InMemoryStore::new(
+            retention,
             config.sessions.max_entries,
-            // Retain webhook ids well past the Svix tolerance window.
-            Duration::from_secs(
-                config
-                    .webhooks
-                    .tolerance_seconds
-                    .saturating_mul(2)
-                    .max(3600),
-            ),
+            webhook_retention,
         ));
+        let fleet = if config.fleet.enabled() {
+            let issuer = instance.issuers.first().map_or("default", String::as_str);
+            Some(Fleet::new(
+                &config.fleet,
+                issuer,
+                local.clone(),
+                retention,
+                webhook_retention,
+                metrics.clone(),
+            )?)
+        } else {
+            None
+        };
+        let store: Arc<dyn SessionStore> = match &fleet {
+            Some(fleet) => Arc::new(FleetStore::new(local, fleet.clone())),
+            None => local,
+        };
         let api = match &instance.secret_key {
             Some(secret) => Some(Arc::new(
                 BackendApi::new(
@@ -150,6 +172,12 @@ impl App {
             api.clone(),
             metrics.clone(),
         ));
+        if let Some(fleet) = &fleet {
+            fleet.attach(&sessions);
+            if fleet.fail_closed() {
+                sessions.fail_closed_on(fleet.link());
+            }
+        }
         // One Backend API client for the session checks and the local API: Clerk's rate limit
         // is per instance, so they share its budget and any Retry-After pause.
         let local_api = match (config.local_api.serves(&config.clerk), api) {
@@ -162,7 +190,9 @@ impl App {
             ))),
             _ => None,
         };
-        let webhooks = Arc::new(Webhooks::new(&config, sessions.clone(), metrics.clone())?);
+        let webhooks = Arc::new(
+            Webhooks::new(&config, sessions.clone(), metrics.clone())?.with_fleet(fleet.clone()),
+        );
         let proxy = Arc::new(Proxy::new(
             &config,
             auth,
@@ -171,7 +201,11 @@ impl App {
             instance.cookie_suffix.as_deref(),
             metrics.clone(),
         )?);
-        let readiness = Arc::new(Readiness::new(keys.clone()));
+        let mut readiness = Readiness::new(keys.clone());
+        if let Some(fleet) = &fleet {
+            readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());
+        }
+        let readiness = Arc::new(readiness);
         Ok(App {
             config,
             metrics,
@@ -179,6 +213,7 @@ impl App {
             readiness,
             proxy,
             local_api,
+            fleet,
         })
     }
 
@@ -213,6 +248,10 @@ impl App {
                 keys.run_refresh(stopped(rx)).await;
             }
         });
+        let fleet_task = self
+            .fleet
+            .clone()
+            .map(|fleet| tokio::spawn(fleet.run(stopped(stop_rx.clone()))));
         let drain_timeout = self.config.shutdown.drain_timeout();
         let proxy_limits = Limits {
             header_read_timeout: std::time::Duration::from_secs(
@@ -298,6 +337,9 @@ impl App {
         // A key fetch in flight (a hanging JWKS endpoint) must not hold the exit past the
         // drain deadline; the refresher keeps no state worth finishing.
         refresh.abort();
+        if let Some(task) = fleet_task {
+            task.abort();
+        }
         let _ = refresh.await;
         if left > 0 {
             tracing::warn!("stopped with connections still open after the drain deadline");

@@ -31,6 +31,7 @@ pub struct Config {
     pub routes: Vec<auth::policy::RouteConfig>,
     pub webhooks: webhook::Config,
     pub sessions: sessions::Config,
+    pub fleet: crate::fleet::Config,
     pub local_api: local_api::Config,
     pub log: telemetry::LogConfig,
     pub shutdown: shutdown::Config,
@@ -230,6 +231,7 @@ impl Config {
         self.headers.validate()?;
         self.webhooks.validate()?;
         self.sessions.validate()?;
+        self.fleet.validate()?;
         self.local_api.validate(self)?;
         if self.auth.max_token_bytes > self.proxy.max_header_bytes {
             return Err(ConfigError::new(

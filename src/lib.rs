@@ -29,6 +29,7 @@ pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod fleet;
 pub mod local_api;
 pub mod proxy;
 pub mod rejection;

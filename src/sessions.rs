@@ -141,6 +141,18 @@ pub trait SessionStore: Send + Sync {
     fn release_webhook(&self, id: &str, progress: WebhookProgress);
     /// Denied sessions currently held (for the gauge).
     fn denied_sessions(&self) -> u64;
+    /// A Clerk object changed (caches elsewhere must drop it); a shared store tells the other
+    /// replicas. This process's own listener is told by the [`Guard`].
+    fn changed(&self, _what: Changed<'_>) {}
+}
+
+/// Everything an [`InMemoryStore`] holds that other replicas need: what a replica re-writes
+/// into a shared store that lost it.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub sessions: Vec<String>,
+    pub users: Vec<(String, u64)>,
+    pub statuses: Vec<(String, Arc<str>)>,
 }
 
 /// The default, per-process store.
@@ -165,6 +177,19 @@ impl InMemoryStore {
             webhooks: bounded(max_entries, webhook_retention),
             claims: std::sync::Mutex::new(std::collections::HashMap::new()),
             any_denied: AtomicBool::new(false),
+        }
+    }
+
+    /// A copy of the deny-lists and statuses (for re-seeding a shared store).
+    pub fn held(&self) -> Held {
+        Held {
+            sessions: self.sessions.iter().map(|(k, _)| (*k).clone()).collect(),
+            users: self.users.iter().map(|(k, v)| ((*k).clone(), v)).collect(),
+            statuses: self
+                .statuses
+                .iter()
+                .map(|(k, v)| ((*k).clone(), v))
+                .collect(),
         }
     }
 }
@@ -287,6 +312,9 @@ pub struct Guard {
     fail_open: bool,
     metrics: Arc<crate::telemetry::Metrics>,
     listener: std::sync::OnceLock<Arc<dyn ChangeListener>>,
+    /// The fleet store's link, when `fleet.on_unavailable = "fail_closed"`: while it is down,
+    /// session-bearing requests are refused (503) instead of served from local state alone.
+    fail_closed_link: std::sync::OnceLock<Arc<crate::fleet::Link>>,
 }
 
 impl Guard {
@@ -308,7 +336,14 @@ impl Guard {
             fail_open: config.fail_open,
             metrics,
             listener: std::sync::OnceLock::new(),
+            fail_closed_link: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Refuse session-bearing requests while `link` is down (`fleet.on_unavailable =
+    /// "fail_closed"`). Set once at start-up.
+    pub fn fail_closed_on(&self, link: Arc<crate::fleet::Link>) {
+        let _ = self.fail_closed_link.set(link);
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
@@ -321,8 +356,15 @@ impl Guard {
         let _ = self.listener.set(listener);
     }
 
-    /// Tells the listener, if any, that a webhook reported `what` as changed.
+    /// Tells the listener, if any, that a webhook reported `what` as changed, and the store
+    /// (which tells the other replicas when it is shared).
     pub fn changed(&self, what: Changed<'_>) {
+        self.store.changed(what);
+        self.notify_local(what);
+    }
+
+    /// Tells only this process's listener (a change another replica reported).
+    pub fn notify_local(&self, what: Changed<'_>) {
         if let Some(listener) = self.listener.get() {
             listener.changed(what);
         }
@@ -338,6 +380,12 @@ impl Guard {
         use crate::telemetry::SessionCheckResult as R;
         if self.mode == CheckMode::Off {
             return Ok(());
+        }
+        if let Some(link) = self.fail_closed_link.get()
+            && !link.is_up()
+        {
+            self.metrics.session_checks.inc(R::Unavailable);
+            return Err(AuthError::SessionCheckUnavailable);
         }
         match self.store.check(identity) {
             Ok(()) => {}

@@ -324,6 +324,29 @@ pub struct Metrics {
     pub local_api_requests: LabeledCounter2<LocalApiRoute, LocalApiResult>,
     pub user_cache_hits: IntCounter,
     pub user_cache_misses: IntCounter,
+    pub fleet_connected: IntGauge,
+    pub fleet_events: LabeledCounter2<FleetDirection, FleetEventKind>,
+    pub fleet_propagation: Histogram,
+}
+
+label_enum! {
+    /// Whether a fleet event was sent to Redis or received from another replica.
+    pub enum FleetDirection {
+        Out => "out",
+        In => "in",
+    }
+}
+
+label_enum! {
+    /// What a fleet event carries.
+    pub enum FleetEventKind {
+        SessionRevoked => "session_revoked",
+        UserRevoked => "user_revoked",
+        SessionStatus => "session_status",
+        UserChanged => "user_changed",
+        SessionChanged => "session_changed",
+        Resync => "resync",
+    }
 }
 
 impl Metrics {
@@ -343,6 +366,19 @@ impl Metrics {
                 .expect("registered once");
             g
         };
+        let fleet_propagation = Histogram::with_opts(
+            HistogramOpts::new(
+                "clerkgate_fleet_propagation_seconds",
+                "Time from a state change on one replica to its application on this one.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fleet_propagation.clone()))
+            .expect("registered once");
         let request_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "clerkgate_request_duration_seconds",
@@ -453,6 +489,17 @@ impl Metrics {
                 "clerkgate_user_cache_misses_total",
                 "Local API user reads that fetched the user from the Backend API.",
             ),
+            fleet_connected: int_gauge(
+                "clerkgate_fleet_connected",
+                "1 while the fleet store (Redis) is connected and followed; 0 otherwise or when off.",
+            ),
+            fleet_events: LabeledCounter2::register(
+                &registry,
+                "clerkgate_fleet_events_total",
+                "Fleet state events sent to Redis (out) or applied from other replicas (in).",
+                ["direction", "kind"],
+            ),
+            fleet_propagation,
             registry,
         }
     }

@@ -22,6 +22,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Secret};
+use crate::fleet::{Fleet, FleetClaim};
 use crate::sessions::{Guard, SessionStore, WebhookClaim, WebhookProgress};
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
 use signature::{SignatureError, WebhookSecret};
@@ -107,6 +108,7 @@ pub struct Webhooks {
     /// How long a delivery waits for another delivery of the same id before answering 409
     /// (Svix then retries): Svix gives an endpoint 15 s.
     claim_wait: Duration,
+    fleet: Option<Arc<Fleet>>,
     sessions: Arc<Guard>,
     metrics: Arc<Metrics>,
 }
@@ -182,6 +184,7 @@ impl Webhooks {
             .min(Duration::from_secs(15));
         Ok(Self {
             claim_wait,
+            fleet: None,
             secret,
             path: w.path.clone(),
             max_body: w.max_body_bytes,
@@ -190,6 +193,12 @@ impl Webhooks {
             sessions,
             metrics,
         })
+    }
+
+    /// Claim deliveries fleet-wide too (`fleet.redis_url`).
+    pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// Whether a request is for this endpoint (exact path).
@@ -284,6 +293,7 @@ impl Webhooks {
                         store: store.as_ref(),
                         id: delivery.id,
                         progress,
+                        fleet: None,
                     };
                 }
                 WebhookClaim::Busy(mut released) => {
@@ -300,6 +310,33 @@ impl Webhooks {
                 }
             }
         };
+        // Then fleet-wide: one replica acts on a delivery that reached several.
+        if let Some(fleet) = &self.fleet {
+            match fleet.claim_webhook(delivery.id, self.claim_wait).await {
+                FleetClaim::Won(done) => {
+                    claim.progress.applied |= done.applied;
+                    claim.progress.delivered |= done.delivered;
+                    claim.fleet = Some(fleet.clone());
+                }
+                FleetClaim::Busy => {
+                    return self.refuse(
+                        WebhookResult::InProgress,
+                        StatusCode::CONFLICT,
+                        "webhook-in-progress",
+                    );
+                }
+                // Svix retries a 503; the replicas cannot agree on who acts right now.
+                FleetClaim::Unavailable if fleet.fail_closed() => {
+                    return self.refuse(
+                        WebhookResult::InProgress,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "fleet-unavailable",
+                    );
+                }
+                // serve_local: applied here, carried to Redis by the re-seed on reconnect.
+                FleetClaim::Unavailable => {}
+            }
+        }
         let progress = &mut claim.progress;
         let needs_delivery = self.forwarder.is_some() && !progress.delivered;
         if progress.applied && !needs_delivery {
@@ -361,11 +398,17 @@ struct Claim<'a> {
     store: &'a dyn SessionStore,
     id: &'a str,
     progress: WebhookProgress,
+    /// Also held fleet-wide (Redis): released there too, in the background.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.store.release_webhook(self.id, self.progress);
+        if let Some(fleet) = self.fleet.take() {
+            let (id, progress) = (self.id.to_owned(), self.progress);
+            tokio::spawn(async move { fleet.release_webhook(&id, progress).await });
+        }
     }
 }
 

@@ -1,3 +1,4 @@
+mod fleet;
 mod ingress;
 mod keys;
 mod local_api;

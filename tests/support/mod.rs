@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod fake_clerk;
+pub mod redis;
 pub mod sidecar;
 
 pub use clerkgate::dev::signing::SigningKey;
