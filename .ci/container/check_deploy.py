@@ -198,7 +198,7 @@ def cmd_manifests(rendered, secret_example):
         results[label] = check_workload(label, docs, secret_name, native)
 
     mon = load_all(os.path.join(rendered, "monitoring.yaml"))
-    pms = find(mon, "PodMonitor")
+    pms = find(mon, "PodMonitor", "clerkgate")  # podmonitor-injected.yaml: check_fieldkit.py
     if check(len(pms) == 1, "monitoring: one PodMonitor expected") and results.get("base"):
         pod_labels, cg = results["base"]
         pm = pms[0]["spec"]
