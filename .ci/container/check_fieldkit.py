@@ -11,7 +11,8 @@
             clerkgate; every unlabelled object is byte for byte as in the app's own rendering;
             the NetworkPolicy admits clerkgate's ports only; the PodMonitor finds the pods;
           - the two components' container definitions agree;
-          - deploy/kubernetes/forward-auth: Deployment, Service, HPA, PDB, NetworkPolicy wiring.
+          - deploy/kubernetes/forward-auth: Deployment, Service, HPA, PDB, NetworkPolicy wiring;
+          - every alert's runbook_url names its own section of docs/runbook.md, and back.
         Writes OUT_DIR/<workload>.toml and OUT_DIR/<workload>.env (the clerkgate container's
         literal environment) for every clerkgate container found, for `clerkgate check-config`.
 
@@ -327,12 +328,34 @@ def check_forward_auth(docs, out_dir, pod_monitors):
               for pm in pod_monitors), f"{label}: no PodMonitor scrapes the admin port of the pods")
 
 
+def check_runbook(root, monitoring):
+    """Every alert links its own section of docs/runbook.md, and every section has its alert."""
+    with open(os.path.join(root, "docs/runbook.md")) as f:
+        headings = [line[4:].strip() for line in f if line.startswith("### ")]
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-"): h for h in headings}
+    alerts = [r for d in monitoring if d["kind"] == "PrometheusRule"
+              for g in d["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    check(len(alerts) >= 17, f"runbook: only {len(alerts)} alerts found")
+    for r in alerts:
+        url = r.get("annotations", {}).get("runbook_url", "")
+        anchor = url.split("#", 1)[1] if url.startswith("docs/runbook.md#") else None
+        check(anchor == r["alert"].lower() and anchor in anchors,
+              f"runbook: alert {r['alert']} has runbook_url {url!r}; needs docs/runbook.md#{r['alert'].lower()}")
+    names = {r["alert"] for r in alerts}
+    for h in headings:
+        check(h in names, f"runbook: section {h!r} has no alert of that name")
+    for name in ("ClerkgateMetricsAbsent", "ClerkgateFileDescriptorsNearLimit", "ClerkgateRestarting"):
+        check(name in names, f"monitoring: alert {name} missing")
+
+
 def main():
     rendered, out_dir = sys.argv[1], sys.argv[2]
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = lambda n: load(os.path.join(rendered, n + ".yaml"))  # noqa: E731
     original = r("kubernetes-examples-third-party-app")
-    pod_monitors = [d for d in r("monitoring") if d["kind"] == "PodMonitor"]
+    monitoring = r("monitoring")
+    pod_monitors = [d for d in monitoring if d["kind"] == "PodMonitor"]
+    check_runbook(root, monitoring)
     check_injected("sidecar-component", r("sidecar-component"), original, False, out_dir, pod_monitors)
     check_injected("sidecar-component-native", r("sidecar-component-native"), original, True, out_dir, pod_monitors)
     check_components_agree(root)
