@@ -74,6 +74,10 @@ const FA_PORT = faService.spec.ports[0].port;
 const FA_NS = "auth"; // the namespace deploy/kubernetes/forward-auth is applied to (README, kustomization.yaml)
 const FA_HOST = `${FA_NAME}.${FA_NS}.svc.cluster.local`;
 check(FA_PATH === "/_clerkgate/auth", `forward-auth clerkgate.toml: forward_auth_path ${FA_PATH}`);
+// What the gateway copies from a 200 answer: the identity headers, and Authorization and Cookie
+// (the answer's Cookie lacks the session cookies; Authorization is absent unless
+// auth.forward_token), so that the token does not reach the app.
+const UPSTREAM = [...IDENTITY, "authorization", "cookie"];
 check(fs.readFileSync(path.join(fa, "kustomization.yaml"), "utf8").includes(`-n ${FA_NS} `), `forward-auth kustomization.yaml does not say -n ${FA_NS}`);
 
 // ------------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ const one = (dir, kind, name) => {
   check(h.failOpen === false, "istio provider: failOpen must be false");
   check(["authorization", "cookie"].every((x) => lower(h.includeRequestHeadersInCheck).includes(x)),
     "istio provider: the check needs the authorization and cookie headers");
-  check(sameSet(lower(h.headersToUpstreamOnAllow), IDENTITY), `istio provider: headersToUpstreamOnAllow must be ${IDENTITY}`);
+  check(sameSet(lower(h.headersToUpstreamOnAllow), UPSTREAM), `istio provider: headersToUpstreamOnAllow must be ${UPSTREAM}`);
   check(lower(h.headersToDownstreamOnDeny).includes("www-authenticate"), "istio provider: pass WWW-Authenticate on deny");
 
   const custom = find("istio", "AuthorizationPolicy").filter((a) => a.spec.action === "CUSTOM");
@@ -165,6 +169,9 @@ const one = (dir, kind, name) => {
         `istio: strip filter type ${tc["@type"]}`);
       const removed = tc.mutations.request_mutations.map((m) => m.remove);
       check(sameSet(lower(removed), IDENTITY), `istio: the strip filter must remove exactly ${IDENTITY}, got ${removed}`);
+      const hcm = ef.spec.configPatches.find((c) => c.applyTo === "NETWORK_FILTER" && c.patch.operation === "MERGE");
+      check(hcm && hcm.patch.value.typed_config.common_http_protocol_options.headers_with_underscores_action === "DROP_HEADER",
+        "istio: the gateway must drop headers with underscores (X_User_Id)");
     }
   }
   const allow = find("istio", "AuthorizationPolicy").filter((a) => a.spec.action === "ALLOW");
@@ -189,7 +196,7 @@ const one = (dir, kind, name) => {
     check(br.name === FA_NAME && br.namespace === FA_NS && br.port === FA_PORT,
       `envoy-gateway: backendRef ${br.namespace}/${br.name}:${br.port}, expected ${FA_NS}/${FA_NAME}:${FA_PORT}`);
     check(e.http.path === FA_PATH, `envoy-gateway: path ${e.http.path}, expected ${FA_PATH}`);
-    check(sameSet(lower(e.http.headersToBackend), IDENTITY), `envoy-gateway: headersToBackend must be ${IDENTITY}`);
+    check(sameSet(lower(e.http.headersToBackend), UPSTREAM), `envoy-gateway: headersToBackend must be ${UPSTREAM}`);
     const ns = sp.metadata.namespace;
     const routes = find("envoy-gateway", "HTTPRoute");
     const targets = sp.spec.targetRefs.map((t) => routes.find((r) => t.kind === "HTTPRoute" && r.metadata.name === t.name && r.metadata.namespace === ns));
@@ -205,6 +212,7 @@ const one = (dir, kind, name) => {
       onlyFields("envoy-gateway ClientTrafficPolicy headers", ctp.spec.headers, ["xForwardedClientCert", "enableEnvoyHeaders",
         "withUnderscoresAllowed", "preserveXRequestID", "requestID", "earlyRequestHeaders", "disableRateLimitHeaders"]);
       onlyFields("envoy-gateway earlyRequestHeaders", ctp.spec.headers.earlyRequestHeaders, ["set", "add", "remove"]);
+      check(ctp.spec.headers.withUnderscoresAllowed === false, "envoy-gateway: withUnderscoresAllowed must be false (X_User_Id)");
       check(sameSet(lower(ctp.spec.headers.earlyRequestHeaders.remove), IDENTITY),
         `envoy-gateway: earlyRequestHeaders.remove must be ${IDENTITY}`);
       for (const r of targets.filter(Boolean)) {
@@ -231,8 +239,21 @@ const one = (dir, kind, name) => {
       "authRequestHeaders", "addAuthCookiesToResponse", "headerField", "forwardBody", "maxBodySize", "preserveLocationHeader", "preserveRequestMethod"]);
     check(f.address === `http://${FA_HOST}:${FA_PORT}${FA_PATH}`, `traefik: address ${f.address}`);
     check(f.trustForwardHeader === false, "traefik: trustForwardHeader must be false (clerkgate reads X-Forwarded-Uri)");
-    check(sameSet(lower(f.authResponseHeaders), IDENTITY), `traefik: authResponseHeaders must be ${IDENTITY}`);
-    check(["authorization", "cookie"].every((x) => lower(f.authRequestHeaders).includes(x)), "traefik: authRequestHeaders needs Authorization and Cookie");
+    check(sameSet(lower(f.authResponseHeaders), ["authorization", "cookie"]),
+      "traefik: authResponseHeaders must be [Authorization, Cookie] (the identity headers go by the regex)");
+    // Go's regexp syntax; the (?i) flag becomes JavaScript's i.
+    const rx = String(f.authResponseHeadersRegex || "");
+    if (check(rx.startsWith("(?i)"), "traefik: authResponseHeadersRegex must be case-insensitive ((?i))")) {
+      const re = new RegExp(rx.slice(4), "i");
+      for (const h of [...IDENTITY, "x-clerk-anything"]) {
+        for (const v of [h, h.replace(/-/g, "_"), h.toUpperCase(), h.replace(/(^|-)([a-z])/g, (m, a, b) => a + b.toUpperCase())]) {
+          check(re.test(v), `traefik: authResponseHeadersRegex does not match ${v}`);
+        }
+      }
+      for (const h of ["x-forwarded-uri", "x-request-id", "x-user-agent", "authorization", "x-org"]) {
+        check(!re.test(h), `traefik: authResponseHeadersRegex also matches ${h}`);
+      }
+    }
     const route = one("traefik", "HTTPRoute");
     check(route && route.spec.rules.every((r) => (r.filters || []).some((x) => x.type === "ExtensionRef" &&
       x.extensionRef.group === "traefik.io" && x.extensionRef.kind === "Middleware" && x.extensionRef.name === mw.metadata.name)) &&
