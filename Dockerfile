@@ -32,6 +32,9 @@ ARG PREBUILT_IMAGE=scratch
 # proc-macros stay dynamically linked).
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /src
+# cargo auditable embeds the dependency list in the binary (ELF section .dep-v0), where image
+# scanners (Trivy, Grype, Syft, `cargo audit bin`) find it. Its own layer: installed once.
+RUN cargo install --locked cargo-auditable@0.7.7
 ENV CARGO_TERM_COLOR=never \
     CARGO_INCREMENTAL=0 \
     RUSTFLAGS="-C target-feature=+crt-static"
@@ -46,7 +49,7 @@ RUN set -eu; \
     : > src/lib.rs; \
     echo 'fn main() {}' > benches/verify.rs; \
     : > tests/it/main.rs; \
-    cargo build --release --locked --target "$target" --bin clerkgate; \
+    cargo auditable build --release --locked --target "$target" --bin clerkgate; \
     rm -rf src
 
 # The real sources (tests and benches keep their stubs: the binary does not need them, so editing
@@ -57,7 +60,7 @@ COPY config ./config
 RUN set -eu; \
     target="$(uname -m)-unknown-linux-gnu"; \
     find src -name '*.rs' -exec touch {} +; \
-    cargo build --release --locked --target "$target" --bin clerkgate; \
+    cargo auditable build --release --locked --target "$target" --bin clerkgate; \
     mkdir -p /out/etc/ssl/certs; \
     cp "target/$target/release/clerkgate" /out/clerkgate; \
     cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/ca-certificates.crt; \

@@ -404,6 +404,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_start_time_seconds, ...: read from /proc at scrape time only.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("registered once");
 
         Self {
             requests: LabeledCounter::register(
@@ -577,5 +585,35 @@ mod tests {
         }
         assert!(text.contains("clerkgate_auth_failures_total{reason=\"token-expired\"} 1"));
         assert!(text.contains("clerkgate_build_info"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_describe_this_process() {
+        let m = Metrics::new();
+        let text = m.encode();
+        let value = |name: &str| -> f64 {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+            line[name.len() + 1..].trim().parse().expect("a number")
+        };
+        // This test process has stdin/out/err and the test harness's files open, a non-zero
+        // RSS, and started within the last day, after the Unix epoch.
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        let _ = value("process_cpu_seconds_total");
+        let _ = value("process_threads");
     }
 }

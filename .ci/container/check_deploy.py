@@ -198,7 +198,7 @@ def cmd_manifests(rendered, secret_example):
         results[label] = check_workload(label, docs, secret_name, native)
 
     mon = load_all(os.path.join(rendered, "monitoring.yaml"))
-    pms = find(mon, "PodMonitor")
+    pms = find(mon, "PodMonitor", "clerkgate")  # podmonitor-injected.yaml: check_fieldkit.py
     if check(len(pms) == 1, "monitoring: one PodMonitor expected") and results.get("base"):
         pod_labels, cg = results["base"]
         pm = pms[0]["spec"]
@@ -287,7 +287,8 @@ def check_expr(where, expr, series):
     text = expr
     # Grafana variables and range selectors.
     text = re.sub(r"\[[^\]]*\]", "", text)
-    metrics_here = set(re.findall(r"\b(clerkgate_[a-zA-Z0-9_]+)\b", strip_strings(text)))
+    # process_* come from the process collector of the same /metrics endpoint.
+    metrics_here = set(re.findall(r"\b((?:clerkgate|process)_[a-zA-Z0-9_]+)\b", strip_strings(text)))
     check(metrics_here, f"{where}: no clerkgate metric in {expr!r}")
     for m in sorted(metrics_here):
         check(m in names, f"{where}: {m} is not exported by the binary")
@@ -297,7 +298,7 @@ def check_expr(where, expr, series):
         if m.endswith("_bucket"):
             known_labels.add("le")
     # Label matchers per selector.
-    for sm in re.finditer(r"\b(clerkgate_[a-zA-Z0-9_]+)\s*\{([^}]*)\}", text):
+    for sm in re.finditer(r"\b((?:clerkgate|process)_[a-zA-Z0-9_]+)\s*\{([^}]*)\}", text):
         metric, body = sm.group(1), sm.group(2)
         labels = series.get(metric, {})
         for lm in re.finditer(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', body):
@@ -327,7 +328,7 @@ def check_expr(where, expr, series):
     bare = re.sub(r"\$[a-zA-Z_][a-zA-Z0-9_]*", "", bare)
     bare = re.sub(r"\b\d+(\.\d+)?([eE][+-]?\d+)?\b", "", bare)
     for ident in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare):
-        if ident.startswith("clerkgate_"):
+        if ident.startswith(("clerkgate_", "process_")):
             continue
         check(ident in PROMQL_WORDS, f"{where}: unknown identifier {ident!r} in {expr!r}")
 
@@ -375,7 +376,7 @@ def cmd_metrics(metrics_txt, rule_path, dash_path):
     used = set()
     for where, expr in exprs + dexprs:
         check_expr(where, expr, series)
-        used |= set(re.findall(r"\b(clerkgate_[a-zA-Z0-9_]+)\b", expr))
+        used |= set(re.findall(r"\b((?:clerkgate|process)_[a-zA-Z0-9_]+)\b", expr))
     # The issue's list for the dashboard, and the alerts' required subjects.
     dash_text = " ".join(e for _, e in dexprs)
     for m in ("clerkgate_requests_total", "clerkgate_request_duration_seconds_bucket", "clerkgate_auth_failures_total",
