@@ -794,6 +794,10 @@ impl SessionStore for FleetStore {
         self.local.denied_sessions()
     }
 
+    fn open_streams(&self) -> &Arc<crate::sessions::OpenStreams> {
+        self.local.open_streams()
+    }
+
     fn changed(&self, what: Changed<'_>) {
         match what {
             Changed::User(id) => self

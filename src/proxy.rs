@@ -607,10 +607,19 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             // The connection becomes the tunnel: never back to the pool (the lease goes with
             // the tunnel and is dropped, not released, when it ends).
+            // A tunnel of a signed-in session is closed when the session or its user is
+            // revoked, on this replica or any other of the fleet.
+            let revoked = identity.as_ref().map(|allowed| {
+                self.sessions
+                    .store()
+                    .open_streams()
+                    .register(&allowed.identity)
+            });
             tokio::spawn(tunnel(
                 client_upgrade,
                 upstream_upgrade,
                 lease,
+                revoked,
                 self.metrics.clone(),
             ));
             let (parts, _) = resp.into_parts();
@@ -755,6 +764,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _lease: pool::Lease,
+    revoked: Option<crate::sessions::StreamHandle>,
     metrics: Arc<Metrics>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -767,5 +777,20 @@ async fn tunnel(
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    match &revoked {
+        Some(handle) => {
+            tokio::select! {
+                _ = copy => {}
+                () = handle.closed() => {
+                    // Both sides are dropped here: the client and the upstream see the
+                    // connection close.
+                    tracing::debug!("tunnel closed: its session or user was revoked");
+                }
+            }
+        }
+        None => {
+            let _ = copy.await;
+        }
+    }
 }

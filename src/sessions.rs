@@ -144,6 +144,102 @@ pub trait SessionStore: Send + Sync {
     /// A Clerk object changed (caches elsewhere must drop it); a shared store tells the other
     /// replicas. This process's own listener is told by the [`Guard`].
     fn changed(&self, _what: Changed<'_>) {}
+    /// The registry of long-lived streams closed on revocation.
+    fn open_streams(&self) -> &Arc<OpenStreams>;
+}
+
+/// The long-lived connections open for a session (WebSocket tunnels): when the session or its
+/// user is revoked, here or on any replica of the fleet, they are closed, not only the next
+/// request refused. Registration happens once per tunnel, never per request.
+#[derive(Default)]
+pub struct OpenStreams {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<std::collections::HashMap<u64, OpenStream>>,
+}
+
+struct OpenStream {
+    session: Option<String>,
+    user: String,
+    /// `iat` in ms; `None` is closed by any cut-off of its user.
+    issued_ms: Option<u64>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// One registered stream; dropping it unregisters. `closed()` resolves when it must close.
+pub struct StreamHandle {
+    id: u64,
+    streams: Arc<OpenStreams>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl StreamHandle {
+    /// Resolves once the stream's session or user was revoked.
+    pub async fn closed(&self) {
+        self.close.notified().await;
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        self.streams.lock().remove(&self.id);
+    }
+}
+
+impl OpenStreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, OpenStream>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a stream opened by `identity`.
+    pub fn register(self: &Arc<Self>, identity: &Identity) -> StreamHandle {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(tokio::sync::Notify::new());
+        self.lock().insert(
+            id,
+            OpenStream {
+                session: identity.session_id().map(str::to_owned),
+                user: identity.user_id().to_owned(),
+                issued_ms: identity.iat.map(|s| (s.max(0) as u64).saturating_mul(1000)),
+                close: close.clone(),
+            },
+        );
+        StreamHandle {
+            id,
+            streams: self.clone(),
+            close,
+        }
+    }
+
+    /// How many streams are open (for tests and debugging).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn close_where(&self, revoked: impl Fn(&OpenStream) -> bool) {
+        let open = self.lock();
+        for stream in open.values().filter(|s| revoked(s)) {
+            // A stored permit: a tunnel not yet waiting still sees it.
+            stream.close.notify_one();
+        }
+    }
+
+    fn close_session(&self, sid: &str) {
+        if self.is_empty() {
+            return;
+        }
+        self.close_where(|s| s.session.as_deref() == Some(sid));
+    }
+
+    fn close_user_before(&self, user: &str, at_ms: u64) {
+        if self.is_empty() {
+            return;
+        }
+        self.close_where(|s| s.user == user && s.issued_ms.is_none_or(|iat| iat < at_ms));
+    }
 }
 
 /// Everything an [`InMemoryStore`] holds that other replicas need: what a replica re-writes
@@ -165,6 +261,8 @@ pub struct InMemoryStore {
     claims: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>,
     /// Set once anything was ever denied: until then the hot path skips both lookups.
     any_denied: AtomicBool,
+    /// Tunnels to close when their session or user is denied (by whatever path).
+    streams: Arc<OpenStreams>,
 }
 
 impl InMemoryStore {
@@ -177,6 +275,7 @@ impl InMemoryStore {
             webhooks: bounded(max_entries, webhook_retention),
             claims: std::sync::Mutex::new(std::collections::HashMap::new()),
             any_denied: AtomicBool::new(false),
+            streams: Arc::default(),
         }
     }
 
@@ -212,6 +311,7 @@ impl SessionStore for InMemoryStore {
     fn deny_session(&self, sid: &str) {
         self.sessions.insert(sid.to_owned(), ());
         self.any_denied.store(true, Ordering::Release);
+        self.streams.close_session(sid);
     }
 
     fn deny_user_before(&self, user_id: &str, at_ms: u64) {
@@ -222,6 +322,7 @@ impl SessionStore for InMemoryStore {
             .map_or(at_ms, |prev| prev.max(at_ms));
         self.users.insert(user_id.to_owned(), at);
         self.any_denied.store(true, Ordering::Release);
+        self.streams.close_user_before(user_id, at);
     }
 
     fn check(&self, identity: &Identity) -> Result<(), Denied> {
@@ -283,6 +384,10 @@ impl SessionStore for InMemoryStore {
     fn denied_sessions(&self) -> u64 {
         self.sessions.run_pending_tasks();
         self.sessions.entry_count()
+    }
+
+    fn open_streams(&self) -> &Arc<OpenStreams> {
+        &self.streams
     }
 }
 

@@ -333,3 +333,119 @@ async fn fail_closed_turns_readiness_and_session_checks_to_503_while_redis_is_aw
     assert_eq!(status(&a, &token).await, 200);
     a.stop().await;
 }
+
+/// Opens a WebSocket tunnel through `gate` with `token` and proves bytes flow (the echo
+/// upstream echoes upgraded bytes).
+async fn open_tunnel(gate: &Sidecar, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gate.proxy).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: app.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "head");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+    s
+}
+
+/// Whether the peer closes `s` within `within` (EOF or reset).
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(within, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_sessions_open_tunnels_are_closed_on_every_replica() {
+    let Some(redis) = redis().await else { return };
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let toml = fleet_toml(&clerk, &redis, "", "");
+    let a = replica(&clerk, &upstream, &toml).await;
+    let b = replica(&clerk, &upstream, &toml).await;
+    let revoked = clerk.session_token("user_ws");
+    let other = clerk.session_token("user_ws_other");
+    let mut on_a = open_tunnel(&a, &revoked).await;
+    let mut on_b = open_tunnel(&b, &revoked).await;
+    let mut unrelated = open_tunnel(&b, &other).await;
+
+    assert_eq!(
+        revoke_webhook(&clerk, &a, "msg_ws", &sid_of(&revoked)).await,
+        200
+    );
+    assert!(
+        closed_within(&mut on_a, Duration::from_secs(3)).await,
+        "closed where the webhook arrived"
+    );
+    assert!(
+        closed_within(&mut on_b, Duration::from_secs(3)).await,
+        "closed on the other replica"
+    );
+    // Another session's tunnel keeps working.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    unrelated.write_all(b"still").await.unwrap();
+    let mut echoed = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(3), unrelated.read_exact(&mut echoed))
+        .await
+        .expect("unrelated tunnel alive")
+        .unwrap();
+    assert_eq!(&echoed, b"still");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_users_tunnels_close_without_a_fleet_too() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Sidecar::start(
+        &clerk,
+        &upstream,
+        &format!("[webhooks]\nsecret = \"{}\"\n", clerk.webhook_secret()),
+    )
+    .await;
+    // Issued before the deletion (a cut-off lets tokens of the same second through).
+    let mut claims = clerk.claims("user_gone");
+    claims["iat"] = serde_json::json!(now() - 30);
+    let token = clerk.mint(claims);
+    let mut tunnel = open_tunnel(&gate, &token).await;
+    let body =
+        r#"{"data":{"id":"user_gone","deleted":true},"object":"event","type":"user.deleted"}"#;
+    let ts = now() as i64;
+    let r = client()
+        .post(gate.url("/webhooks/clerk"))
+        .header("svix-id", "msg_user_gone")
+        .header("svix-timestamp", ts.to_string())
+        .header(
+            "svix-signature",
+            clerk.sign_webhook("msg_user_gone", ts, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(closed_within(&mut tunnel, Duration::from_secs(3)).await);
+    gate.stop().await;
+}
