@@ -93,7 +93,7 @@ async fn main() {
     };
     let applied: usize = replicas[1..]
         .iter()
-        .filter(|(store, _, _)| store.denied_sessions() as u64 == total)
+        .filter(|(store, _, _)| store.denied_sessions() == total)
         .count();
     println!(
         "{subscribers} subscribers, {total} revocations at {rate}/s: {count} applications \
