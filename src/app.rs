@@ -178,6 +178,8 @@ impl App {
                 sessions.fail_closed_on(fleet.link());
             }
         }
+        let browser =
+            crate::browser::Browser::new(&config, auth.clone(), sessions.clone(), api.clone());
         // One Backend API client for the session checks and the local API: Clerk's rate limit
         // is per instance, so they share its budget and any Retry-After pause.
         let local_api = match (config.local_api.serves(&config.clerk), api) {
@@ -193,14 +195,17 @@ impl App {
         let webhooks = Arc::new(
             Webhooks::new(&config, sessions.clone(), metrics.clone())?.with_fleet(fleet.clone()),
         );
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            auth,
-            sessions,
-            webhooks,
-            instance.cookie_suffix.as_deref(),
-            metrics.clone(),
-        )?);
+        let proxy = Arc::new(
+            Proxy::new(
+                &config,
+                auth,
+                sessions,
+                webhooks,
+                instance.cookie_suffix.as_deref(),
+                metrics.clone(),
+            )?
+            .with_browser(browser),
+        );
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());

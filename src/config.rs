@@ -17,7 +17,9 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{admin, auth, clerk, local_api, proxy, sessions, shutdown, telemetry, webhook};
+use crate::{
+    admin, auth, browser, clerk, local_api, proxy, sessions, shutdown, telemetry, webhook,
+};
 
 /// The whole configuration, as composed from the sections.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -29,6 +31,8 @@ pub struct Config {
     pub auth: auth::Config,
     pub headers: auth::identity::HeadersConfig,
     pub routes: Vec<auth::policy::RouteConfig>,
+    pub browser: browser::Config,
+    pub cors: browser::cors::Config,
     pub webhooks: webhook::Config,
     pub sessions: sessions::Config,
     pub fleet: crate::fleet::Config,
@@ -242,6 +246,8 @@ impl Config {
                 ),
             ));
         }
+        self.browser.validate()?;
+        self.cors.validate(&self.clerk.authorized_parties)?;
         if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
             return Err(ConfigError::new(
                 "sessions.check",

@@ -12,6 +12,8 @@
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
 //! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
 //!   consulted after every verification.
+//! - [`browser`] is browser mode: CORS preflights, Clerk's handshake for page loads, sign-in
+//!   redirects.
 //! - [`local_api`] is the pod-local Clerk API on a third listener: users and sessions through
 //!   the one Backend API client ([`clerk::api`]), cached, and token verification for the backend.
 //! - [`dev`] is `clerkgate dev`: an in-memory signing key, a local JWKS, an echo upstream.
@@ -25,6 +27,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod browser;
 pub mod clerk;
 pub mod cli;
 pub mod config;

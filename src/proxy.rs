@@ -8,6 +8,7 @@
 //! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
 
 pub mod answer;
+mod browser_hook;
 pub mod forward;
 pub mod headers;
 pub mod path;
@@ -275,6 +276,8 @@ pub struct Proxy {
     trust_forwarded: bool,
     preserve_host: bool,
     metrics: Arc<Metrics>,
+    /// Browser mode (CORS, handshake, sign-in redirects); `None` keeps [`Proxy::decide`] alone.
+    browser: Option<crate::browser::Browser>,
 }
 
 /// What the auth step decided.
@@ -359,7 +362,14 @@ impl Proxy {
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
             metrics,
+            browser: None,
         })
+    }
+
+    /// Turns on browser mode ([`crate::browser`]).
+    pub fn with_browser(mut self, browser: crate::browser::Browser) -> Self {
+        self.browser = Some(browser);
+        self
     }
 
     /// Handles one request from a client.
@@ -523,14 +533,16 @@ impl Proxy {
         {
             return self.reject(Rejection::AuthorityMismatch);
         }
-        let route = self.policy.route(&normalized.matching);
-        let identity = match self.decide(&parts.headers, &route).await {
-            Decision::Allow(identity) => identity,
-            Decision::Reject(r) => return self.reject(r),
+        let route = self
+            .policy
+            .route_for(&normalized.matching, Some(&parts.method));
+        let (identity, extra, browser_outcome) = match self.browse(&parts, &route, conn.tls).await {
+            Ok(go_on) => go_on,
+            Err(answer) => return answer,
         };
 
         let upstream_uri = match self.upstream.for_request(&parts.uri, &normalized) {
-            Ok(uri) => uri,
+            Ok(uri) => extra.upstream_uri(uri),
             Err(_) => return self.reject(Rejection::Path(path::PathError::BadPercentEncoding)),
         };
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -571,7 +583,7 @@ impl Proxy {
                 tracing::debug!(user = %allowed.identity.user_id(), "authenticated");
                 Outcome::Forwarded
             }
-            None => Outcome::Anonymous,
+            None => browser_outcome.unwrap_or(Outcome::Anonymous),
         };
         parts.uri = upstream_uri;
         // The upstream speaks HTTP/1.1 whatever the client used.
@@ -629,6 +641,7 @@ impl Proxy {
             );
         }
         headers::strip_hop_by_hop(resp.headers_mut(), false);
+        extra.apply(resp.headers_mut());
         let errors = self.metrics.clone();
         (
             resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors, lease))),

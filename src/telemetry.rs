@@ -80,6 +80,12 @@ label_enum! {
         UpstreamError => "upstream_error",
         ForwardAuthAllowed => "forward_auth_allowed",
         Webhook => "webhook",
+        /// A CORS preflight forwarded unauthenticated or answered by clerkgate.
+        Preflight => "preflight",
+        /// A page load sent to Clerk's handshake (307).
+        Handshake => "handshake",
+        /// A signed-out page load sent to `browser.sign_in_url` (307).
+        SignInRedirect => "sign_in_redirect",
     }
 }
 
@@ -182,6 +188,8 @@ label_enum! {
         UsersOrganizationMemberships => "users_organization_memberships",
         SessionsToken => "sessions_token",
         SessionsVerify => "sessions_verify",
+        ClientsHandshakePayload => "clients_handshake_payload",
+        SessionsRefresh => "sessions_refresh",
     }
 }
 

@@ -35,6 +35,10 @@ pub enum AuthMode {
 pub struct RouteConfig {
     /// `/exact/path` or `/prefix/**`.
     pub path: String,
+    /// The methods the rule applies to; empty = all. A rule listing `GET` also covers `HEAD`
+    /// (the same resource, headers only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
     pub auth: AuthMode,
     /// The active organization role required (`org:admin`, or `admin`).
     pub org_role: Option<String>,
@@ -63,6 +67,15 @@ impl RouteConfig {
                 format!("{key}.path"),
                 "must be a normalised path (no dot segments or empty segments)",
             ));
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+            if !valid {
+                return Err(ConfigError::new(
+                    format!("{key}.methods[{i}]"),
+                    "must be an upper-case HTTP method such as \"GET\"",
+                ));
+            }
         }
         let has_requirements = self.org_role.is_some()
             || !self.org_permissions.is_empty()
@@ -143,6 +156,8 @@ impl Pattern {
 /// A compiled rule.
 pub struct Route {
     pattern: Pattern,
+    /// Empty: every method.
+    methods: Vec<http::Method>,
     pub auth: AuthMode,
     org_role: Option<String>,
     org_permissions: Vec<String>,
@@ -156,8 +171,17 @@ impl Route {
             Some(prefix) => Pattern::Prefix(prefix.to_owned()),
             None => Pattern::Exact(c.path.clone()),
         };
+        let mut methods: Vec<http::Method> = c
+            .methods
+            .iter()
+            .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+            .collect();
+        if methods.contains(&http::Method::GET) && !methods.contains(&http::Method::HEAD) {
+            methods.push(http::Method::HEAD);
+        }
         Self {
             pattern,
+            methods,
             auth: c.auth,
             org_role: c.org_role.as_ref().map(|r| {
                 if r.starts_with("org:") {
@@ -257,20 +281,30 @@ impl Policy {
         }
     }
 
-    fn first(&self, path: &str, fold: bool) -> &Route {
+    fn first(&self, path: &str, method: Option<&http::Method>, fold: bool) -> &Route {
         self.routes
             .iter()
-            .find(|r| r.pattern.matches(path, fold))
+            .find(|r| {
+                (r.methods.is_empty() || method.is_some_and(|m| r.methods.contains(m)))
+                    && r.pattern.matches(path, fold)
+            })
             .unwrap_or(&self.default)
     }
 
-    /// The rules for a normalised path.
+    /// The rules for a normalised path, whatever the method: rules restricted to some methods
+    /// never match.
     pub fn route(&self, path: &str) -> RouteMatch<'_> {
-        let exact = self.first(path, false);
+        self.route_for(path, None)
+    }
+
+    /// The rules for a normalised path and a request method (`None`: unknown, so only rules
+    /// without `methods` apply).
+    pub fn route_for(&self, path: &str, method: Option<&http::Method>) -> RouteMatch<'_> {
+        let exact = self.first(path, method, false);
         // Folding can only change the result when some letter has two cases in play.
         let folded = if self.patterns_have_uppercase || path.bytes().any(|b| b.is_ascii_uppercase())
         {
-            Some(self.first(path, true)).filter(|r| !std::ptr::eq(*r, exact))
+            Some(self.first(path, method, true)).filter(|r| !std::ptr::eq(*r, exact))
         } else {
             None
         };
@@ -414,11 +448,41 @@ mod tests {
     }
 
     #[test]
+    fn methods_restrict_a_rule_and_get_covers_head() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/api/**"
+            methods = ["GET", "POST"]
+            auth = "public"
+            [[routes]]
+            path = "/api/**"
+            auth = "optional"
+            "#,
+        );
+        let mode = |m: &str| p.route_for("/api/x", Some(&m.parse().unwrap())).auth;
+        assert_eq!(mode("GET"), AuthMode::Public);
+        assert_eq!(mode("HEAD"), AuthMode::Public);
+        assert_eq!(mode("POST"), AuthMode::Public);
+        assert_eq!(mode("DELETE"), AuthMode::Optional);
+        assert_eq!(p.route("/api/x").auth, AuthMode::Optional, "unknown method");
+        assert_eq!(
+            mode("get"),
+            AuthMode::Optional,
+            "methods are case-sensitive"
+        );
+    }
+
+    #[test]
     fn bad_routes_are_config_errors() {
         for (toml, key) in [
             ("[[routes]]\npath = \"admin\"", "routes[0].path"),
             ("[[routes]]\npath = \"/a/*/b\"", "routes[0].path"),
             ("[[routes]]\npath = \"/a/../b\"", "routes[0].path"),
+            (
+                "[[routes]]\npath = \"/a\"\nmethods = [\"GET\", \"get\"]",
+                "routes[0].methods[1]",
+            ),
             (
                 "[[routes]]\npath = \"/a\"\nauth = \"public\"\norg_role = \"admin\"",
                 "routes[0].auth",

@@ -1,3 +1,4 @@
+mod browser;
 mod fleet;
 mod ingress;
 mod keys;
