@@ -3,8 +3,18 @@
 //! matrix against `@clerk/backend`'s own `authenticateRequest` (tests/browser-sdk, run with
 //! Node) on the same requests.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
 use crate::support::{FakeClerk, Sidecar, Upstream, client, now};
-use serde_json::json;
 
 const ORIGIN: &str = "https://app.example";
 
@@ -203,7 +213,447 @@ auth = "public"
     gate.stop().await;
 }
 
-#[allow(dead_code)]
-fn unused() -> serde_json::Value {
-    json!({"now": now()})
+// ---------------------------------------------------------------------------------------------
+// A Backend API front: the handshake payload and refresh endpoints, everything else (the JWKS)
+// passed to the fake Clerk.
+
+#[derive(Default)]
+struct BapiState {
+    /// `path?query` of every handshake-payload and refresh call.
+    calls: Vec<String>,
+    /// JSON bodies of refresh calls.
+    refresh_bodies: Vec<Value>,
+    /// Directives served for nonce `good`.
+    directives: Vec<String>,
+    /// Cookies served for refresh token `good`.
+    refreshed: Vec<String>,
+}
+
+struct Bapi {
+    url: String,
+    state: Arc<Mutex<BapiState>>,
+}
+
+impl Bapi {
+    async fn start(clerk: &FakeClerk) -> Bapi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(BapiState::default()));
+        let behind = clerk.url.clone();
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = st.clone();
+                let behind = behind.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        let behind = behind.clone();
+                        async move { Ok::<_, Infallible>(bapi(req, &st, &behind).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Bapi {
+            url: format!("http://{addr}"),
+            state,
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+}
+
+fn json_response(status: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+async fn bapi(
+    req: Request<Incoming>,
+    st: &Mutex<BapiState>,
+    behind: &str,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    if path == "/v1/clients/handshake_payload" {
+        let mut s = st.lock().unwrap();
+        s.calls.push(pq.clone());
+        return if pq.ends_with("nonce=good") {
+            json_response(200, json!({"directives": s.directives}))
+        } else {
+            json_response(
+                404,
+                json!({"errors": [{"code": "resource_not_found", "message": "not found"}]}),
+            )
+        };
+    }
+    if path.starts_with("/v1/sessions/") && path.ends_with("/refresh") {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mut s = st.lock().unwrap();
+        s.calls.push(pq);
+        s.refresh_bodies.push(body.clone());
+        return if body["refresh_token"] == "good" {
+            json_response(200, json!({"object": "cookies", "cookies": s.refreshed}))
+        } else {
+            json_response(
+                400,
+                json!({"errors": [{"code": "refresh_token_invalid", "message": "bad"}]}),
+            )
+        };
+    }
+    let mut forward = client().get(format!("{behind}{pq}"));
+    if let Some(a) = req.headers().get("authorization") {
+        forward = forward.header("authorization", a.to_str().unwrap());
+    }
+    match forward.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.bytes().await.unwrap_or_default();
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .unwrap()
+        }
+        Err(_) => json_response(502, json!({})),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Page loads, fetches and the handshake.
+
+const PROD_PK_HOST: &str = "fake-instance.clerk.accounts.dev";
+
+fn live_pk() -> String {
+    use base64::Engine as _;
+    format!(
+        "pk_live_{}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{PROD_PK_HOST}$"))
+    )
+}
+
+/// A sidecar in front of `upstream`, its Backend API at `bapi`, with a production key unless
+/// `dev`.
+async fn browser_gate(
+    clerk: &FakeClerk,
+    upstream: &Upstream,
+    bapi: &Bapi,
+    dev: bool,
+    extra: &str,
+) -> Sidecar {
+    let pk = if dev {
+        clerk.publishable_key()
+    } else {
+        live_pk()
+    };
+    Sidecar::start(
+        clerk,
+        upstream,
+        &format!(
+            "[clerk]\npublishable_key = \"{pk}\"\napi_url = \"{}\"\n{extra}",
+            bapi.url
+        ),
+    )
+    .await
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn expired_token(clerk: &FakeClerk) -> String {
+    let mut claims = clerk.claims("user_1");
+    let t = now();
+    claims["iat"] = json!(t - 180);
+    claims["nbf"] = json!(t - 190);
+    claims["exp"] = json!(t - 120);
+    clerk.mint(claims)
+}
+
+fn query_map(url: &str) -> (String, Vec<(String, String)>) {
+    let u = url::Url::parse(url).unwrap();
+    let base = format!("{}{}", u.origin().ascii_serialization(), u.path());
+    (
+        base,
+        u.query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+    )
+}
+
+const NAV: &[(&str, &str)] = &[
+    ("sec-fetch-dest", "document"),
+    ("accept", "text/html,application/xhtml+xml"),
+];
+
+#[tokio::test]
+async fn expired_cookie_page_load_gets_the_handshake_and_the_return_leg_signs_in() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let bapi = Bapi::start(&clerk).await;
+    let gate = browser_gate(&clerk, &upstream, &bapi, false, "").await;
+    let expired = expired_token(&clerk);
+    let uat = now() - 1000;
+    let cookie = format!("__session={expired}; __client_uat={uat}");
+
+    // 1. The page load after a minute idle: 307 to the Frontend API's handshake.
+    let mut req = no_redirects()
+        .get(gate.url("/dashboard?tab=2"))
+        .header("cookie", &cookie);
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let h = resp.headers();
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(
+        h["set-cookie"],
+        "__clerk_redirect_count=1; SameSite=Lax; HttpOnly; Max-Age=2"
+    );
+    assert_eq!(h["x-clerk-auth-status"], "handshake");
+    let reason = "session-token-expired-refresh-non-eligible-no-refresh-cookie";
+    assert_eq!(h["x-clerk-auth-reason"], reason);
+    let (base, q) = query_map(h["location"].to_str().unwrap());
+    assert_eq!(base, format!("https://{PROD_PK_HOST}/v1/client/handshake"));
+    let public = gate.url("/dashboard?tab=2");
+    assert_eq!(
+        q,
+        vec![
+            ("redirect_url".into(), public.clone()),
+            ("__clerk_api_version".into(), "2026-05-12".into()),
+            ("suffixed_cookies".into(), "false".into()),
+            ("__clerk_hs_reason".into(), reason.into()),
+            ("format".into(), "nonce".into()),
+            ("__session".into(), expired.clone()),
+        ]
+    );
+    assert_eq!(upstream.count(), 0, "nothing reached the upstream");
+
+    // 2. The same request from fetch(): 401 with the SDK's reason, no redirect.
+    let resp = client()
+        .get(gate.url("/dashboard"))
+        .header("cookie", &cookie)
+        .header("sec-fetch-dest", "empty")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["x-clerk-auth-status"], "signed-out");
+    assert_eq!(resp.headers()["x-clerk-auth-reason"], reason);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["reason"], "token-expired");
+
+    // 3. The return leg: FAPI sends the browser back with a nonce.
+    let fresh = clerk.session_token("user_1");
+    bapi.state.lock().unwrap().directives = vec![
+        format!("__session={fresh}; Path=/; SameSite=Lax"),
+        format!("__client_uat={}; Path=/; Max-Age=315360000", now()),
+    ];
+    let mut req = no_redirects()
+        .get(gate.url("/dashboard?tab=2&__clerk_handshake_nonce=good"))
+        .header("cookie", &cookie);
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200, "forwarded signed in");
+    let set: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        set,
+        bapi.state.lock().unwrap().directives,
+        "every directive, verbatim"
+    );
+    assert_eq!(
+        bapi.calls(),
+        vec!["/v1/clients/handshake_payload?nonce=good".to_string()]
+    );
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-user-id"], "user_1");
+    assert_eq!(
+        seen.uri.path_and_query().unwrap().as_str(),
+        "/dashboard?tab=2",
+        "handshake parameters removed"
+    );
+
+    // 4. A nonce Clerk does not know: signed out, never another handshake.
+    let mut req = no_redirects()
+        .get(gate.url("/dashboard?__clerk_handshake_nonce=stale"))
+        .header("cookie", &cookie);
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["x-clerk-auth-reason"],
+        "session-token-missing"
+    );
+    assert_eq!(bapi.calls().len(), 2, "one call per return leg");
+
+    // 5. The loop guard: the third redirect in a row is the last.
+    let mut req = no_redirects()
+        .get(gate.url("/dashboard"))
+        .header("cookie", format!("{cookie}; __clerk_redirect_count=3"));
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    assert_eq!(req.send().await.unwrap().status(), 401);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn expired_cookie_with_a_refresh_cookie_is_refreshed_without_a_redirect() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let bapi = Bapi::start(&clerk).await;
+    let gate = browser_gate(&clerk, &upstream, &bapi, false, "").await;
+    let suffix = clerkgate::clerk::publishable_key::cookie_suffix(&live_pk());
+    let expired = expired_token(&clerk);
+    let sid = sdk_sid(&expired);
+    let fresh = clerk.session_token("user_1");
+    bapi.state.lock().unwrap().refreshed = vec![format!("__session={fresh}; Path=/")];
+    let resp = client()
+        .get(gate.url("/api/me"))
+        .header(
+            "cookie",
+            format!(
+                "__session={expired}; __client_uat={}; __refresh_{suffix}=good",
+                now() - 1000
+            ),
+        )
+        .header("sec-fetch-dest", "empty")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "fetch refreshed, not redirected");
+    assert_eq!(
+        resp.headers()["set-cookie"],
+        format!("__session={fresh}; Path=/").as_str()
+    );
+    assert_eq!(upstream.last().headers["x-user-id"], "user_1");
+    assert_eq!(
+        bapi.calls(),
+        vec![format!("/v1/sessions/{sid}/refresh?suffixed_cookies=false")]
+    );
+    let body = bapi.state.lock().unwrap().refresh_bodies[0].clone();
+    assert_eq!(body["format"], "cookie");
+    assert_eq!(body["expired_token"], expired.as_str());
+    assert_eq!(body["refresh_token"], "good");
+    assert_eq!(body["request_origin"], gate.url(""));
+    // A refused refresh token: the SDK's reason carries Clerk's error code.
+    let resp = client()
+        .get(gate.url("/api/me"))
+        .header(
+            "cookie",
+            format!(
+                "__session={expired}; __client_uat={}; __refresh_{suffix}=bad",
+                now() - 1000
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["x-clerk-auth-reason"],
+        "session-token-expired-refresh-refresh_token_invalid"
+    );
+    gate.stop().await;
+}
+
+fn sdk_sid(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice::<Value>(&bytes).unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn signed_out_page_load_on_a_required_route_goes_to_sign_in_and_fetch_keeps_the_401() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let bapi = Bapi::start(&clerk).await;
+    let gate = browser_gate(
+        &clerk,
+        &upstream,
+        &bapi,
+        false,
+        "[browser]\nsign_in_url = \"https://accounts.example/sign-in\"\n[[routes]]\npath = \"/blog/**\"\nauth = \"optional\"\n",
+    )
+    .await;
+    let mut req = no_redirects().get(gate.url("/settings?x=1"));
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 307);
+    let (base, q) = query_map(resp.headers()["location"].to_str().unwrap());
+    assert_eq!(base, "https://accounts.example/sign-in");
+    assert_eq!(q, vec![("redirect_url".into(), gate.url("/settings?x=1"))]);
+    assert_eq!(
+        resp.headers()["x-clerk-auth-reason"],
+        "session-token-and-uat-missing"
+    );
+    // fetch/XHR: 401 JSON.
+    let resp = no_redirects()
+        .get(gate.url("/settings"))
+        .header("sec-fetch-dest", "empty")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // POST form submission: no redirect either (the SDK's eligibility is GET-only).
+    let resp = no_redirects()
+        .post(gate.url("/settings"))
+        .header("sec-fetch-dest", "document")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // An optional route: signed-out page loads go through anonymously.
+    let mut req = no_redirects().get(gate.url("/blog/1"));
+    for (k, v) in NAV {
+        req = req.header(*k, *v);
+    }
+    assert_eq!(req.send().await.unwrap().status(), 200);
+    assert!(upstream.last().headers.get("x-user-id").is_none());
+    assert!(
+        gate.metrics_text()
+            .await
+            .contains("outcome=\"sign_in_redirect\"} 1")
+    );
+    gate.stop().await;
 }
