@@ -730,8 +730,20 @@ impl Proxy {
         } else {
             Vec::new()
         };
-        let route = self.policy.route(&normalized.matching);
-        match self.decide(req.headers(), &route).await {
+        let method = match self.forward_auth_method(req.headers()) {
+            Ok(m) => m,
+            Err(r) => return self.reject(r),
+        };
+        // A preflight goes on without a token, answered like an anonymous request (the spoofed
+        // identity headers still listed for removal).
+        let preflight = self.forward_auth_preflight(method.as_ref(), req.headers());
+        let route = self.policy.route_for(&normalized.matching, method.as_ref());
+        let decision = if preflight {
+            Decision::Allow(None)
+        } else {
+            self.decide(req.headers(), &route).await
+        };
+        match decision {
             Decision::Reject(r) => self.reject(r),
             Decision::Allow(identity) => {
                 let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
@@ -758,7 +770,12 @@ impl Proxy {
                 if !remove.is_empty() {
                     h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
                 }
-                (resp, Outcome::ForwardAuthAllowed)
+                let outcome = if preflight {
+                    Outcome::Preflight
+                } else {
+                    Outcome::ForwardAuthAllowed
+                };
+                (resp, outcome)
             }
         }
     }

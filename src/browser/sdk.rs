@@ -74,9 +74,14 @@ pub fn peek(token: &str) -> Option<Peek> {
         return None;
     };
     let header = B64URL.decode(h).ok()?;
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&header).ok()?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&header).ok()?;
+    if !header.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
     let payload = B64URL.decode(p).ok()?;
-    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&payload).ok()?;
+    if !payload.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
     serde_json::from_slice(&payload).ok()
 }
 

@@ -66,6 +66,45 @@ fn empty(status: StatusCode) -> Response<ProxyBody> {
 }
 
 impl Proxy {
+    /// The original request's method on the forward-auth endpoint: `X-Forwarded-Method`
+    /// (Traefik) or `X-Original-Method` (nginx, set with `proxy_set_header`); both present
+    /// must agree, as with the original URI. `None` when neither is sent: then only route
+    /// rules without `methods` apply.
+    pub(super) fn forward_auth_method(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<http::Method>, Rejection> {
+        let ambiguous = Rejection::ForwardAuthUri(super::ForwardAuthUriError::Ambiguous);
+        let mut found: Option<&[u8]> = None;
+        for name in ["x-forwarded-method", "x-original-method"] {
+            for v in headers.get_all(name) {
+                match found {
+                    Some(f) if f != v.as_bytes() => return Err(ambiguous),
+                    _ => found = Some(v.as_bytes()),
+                }
+            }
+        }
+        found
+            .map(|m| http::Method::from_bytes(m).map_err(|_| ambiguous))
+            .transpose()
+    }
+
+    /// A CORS preflight on the forward-auth endpoint, allowed without a token unless
+    /// `cors.preflight = "authenticate"` (an ingress cannot take a CORS answer from
+    /// forward-auth, so `answer` allows it too and the upstream answers).
+    pub(super) fn forward_auth_preflight(
+        &self,
+        method: Option<&http::Method>,
+        headers: &HeaderMap,
+    ) -> bool {
+        let mode = self
+            .browser
+            .as_ref()
+            .map_or(PreflightMode::Forward, |b| b.cors.mode);
+        mode != PreflightMode::Authenticate
+            && method.is_some_and(|m| cors::is_preflight(m, headers))
+    }
+
     /// The auth step with browser mode: `decide` when it is off.
     pub(super) async fn browse(
         &self,

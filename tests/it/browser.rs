@@ -1032,3 +1032,63 @@ async fn differential_production_key_agrees_with_the_sdk() {
 async fn differential_development_key_agrees_with_the_sdk() {
     differential(true).await;
 }
+
+#[tokio::test]
+async fn forward_auth_applies_the_preflight_and_method_rules_to_the_original_method() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Sidecar::start(
+        &clerk,
+        &upstream,
+        "[[routes]]\npath = \"/feed/**\"\nmethods = [\"GET\"]\nauth = \"public\"\n",
+    )
+    .await;
+    let fa = |method: &str, uri: &str| {
+        client()
+            .get(gate.url("/_clerkgate/auth"))
+            .header("x-forwarded-method", method)
+            .header("x-forwarded-uri", uri)
+    };
+    // Traefik forwards the preflight's headers: allowed without a token, no identity.
+    let resp = fa("OPTIONS", "/api/items")
+        .header("origin", ORIGIN)
+        .header("access-control-request-method", "PUT")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-user-id").is_none());
+    let remove = resp.headers()["x-envoy-auth-headers-to-remove"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        remove.split(',').any(|n| n.trim() == "x-user-id"),
+        "an anonymous answer still has the ingress remove identity headers: {remove}"
+    );
+    // A plain OPTIONS is not a preflight.
+    let resp = fa("OPTIONS", "/api/items")
+        .header("origin", ORIGIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fa("GET", "/feed/1").send().await.unwrap().status(), 200);
+    assert_eq!(fa("POST", "/feed/1").send().await.unwrap().status(), 401);
+    // Two sources that disagree are refused, as for the URI.
+    let resp = fa("GET", "/feed/1")
+        .header("x-original-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Without a method header only rules without `methods` apply.
+    let resp = client()
+        .get(gate.url("/_clerkgate/auth"))
+        .header("x-forwarded-uri", "/feed/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    gate.stop().await;
+}
