@@ -12,6 +12,7 @@
 //! Deliberate differences, each stricter or loop-free, are listed in the README ("Browsers").
 
 pub mod cors;
+pub mod fapi;
 pub mod sdk;
 
 use std::borrow::Cow;
@@ -58,7 +59,7 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self, has_secret_key: bool) -> Result<(), ConfigError> {
         if !self.sign_in_url.is_empty() {
             let ok = url::Url::parse(&self.sign_in_url)
                 .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
@@ -71,11 +72,23 @@ impl Config {
             }
         }
         if !self.fapi_proxy_path.is_empty() {
-            return Err(ConfigError::new(
-                "browser.fapi_proxy_path",
-                "the Frontend API proxy is not implemented yet; leave it empty \
-                 (use Clerk's default CNAME setup)",
-            ));
+            let p = self.fapi_proxy_path.trim_end_matches('/');
+            if !p.starts_with('/')
+                || p.is_empty()
+                || p.contains(['?', '#', '*'])
+                || p.contains("//")
+            {
+                return Err(ConfigError::new(
+                    "browser.fapi_proxy_path",
+                    "must be a path such as \"/__clerk\" (or empty)",
+                ));
+            }
+            if !has_secret_key {
+                return Err(ConfigError::new(
+                    "browser.fapi_proxy_path",
+                    "the Frontend API proxy needs clerk.secret_key (CLERK_SECRET_KEY)",
+                ));
+            }
         }
         url::Url::parse(&self.fapi_url)
             .ok()
@@ -155,6 +168,8 @@ struct Handshake {
 /// Browser mode, compiled once.
 pub struct Browser {
     pub cors: cors::Cors,
+    /// `browser.fapi_proxy_path`.
+    pub fapi: Option<fapi::FapiProxy>,
     handshake: Option<Handshake>,
     sign_in_url: Option<String>,
     names: sdk::Names,
@@ -207,7 +222,19 @@ impl Browser {
             tracing::info!(frontend_api = %h.frontend_api, development = h.development, "browser handshake on");
         }
         let suffix = pk.as_ref().map(|p| p.cookie_suffix.clone());
+        let fapi = fapi::FapiProxy::new(config);
+        if fapi.is_some() {
+            let path = config.browser.fapi_proxy_path.trim_end_matches('/');
+            if !config.clerk.extra_issuers.iter().any(|i| i.ends_with(path)) {
+                tracing::warn!(
+                    path,
+                    "browser.fapi_proxy_path is set but no clerk.extra_issuers entry ends with it: \
+                     add https://<your domain>{path} if your instance's tokens carry the proxy URL as iss"
+                );
+            }
+        }
         Self {
+            fapi,
             cors: cors::Cors::new(&config.cors, &config.clerk.authorized_parties),
             handshake,
             sign_in_url: (!config.browser.sign_in_url.is_empty())

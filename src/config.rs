@@ -246,7 +246,7 @@ impl Config {
                 ),
             ));
         }
-        self.browser.validate()?;
+        self.browser.validate(self.clerk.secret_key.is_some())?;
         self.cors.validate(&self.clerk.authorized_parties)?;
         if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
             return Err(ConfigError::new(

@@ -393,6 +393,12 @@ impl Proxy {
             )
         } else if self.is_forward_auth(req.uri().path()) {
             self.forward_auth(req).await
+        } else if let Some(fapi) = self.fapi_proxy(req.uri().path()) {
+            // Clerk's own traffic: public, authenticated by Clerk itself.
+            (
+                fapi.forward(req, &conn).await.map(Either::Right),
+                Outcome::FapiProxy,
+            )
         } else {
             self.proxy(req, &conn).await
         };

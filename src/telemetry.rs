@@ -86,6 +86,8 @@ label_enum! {
         Handshake => "handshake",
         /// A signed-out page load sent to `browser.sign_in_url` (307).
         SignInRedirect => "sign_in_redirect",
+        /// Forwarded to Clerk's Frontend API (`browser.fapi_proxy_path`).
+        FapiProxy => "fapi_proxy",
     }
 }
 

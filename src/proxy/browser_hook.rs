@@ -66,6 +66,15 @@ fn empty(status: StatusCode) -> Response<ProxyBody> {
 }
 
 impl Proxy {
+    /// The Frontend API proxy, when `path` is below `browser.fapi_proxy_path`.
+    pub(super) fn fapi_proxy(&self, path: &str) -> Option<&crate::browser::fapi::FapiProxy> {
+        self.browser
+            .as_ref()?
+            .fapi
+            .as_ref()
+            .filter(|f| f.matches(path))
+    }
+
     /// The original request's method on the forward-auth endpoint: `X-Forwarded-Method`
     /// (Traefik) or `X-Original-Method` (nginx, set with `proxy_set_header`); both present
     /// must agree, as with the original URI. `None` when neither is sent: then only route

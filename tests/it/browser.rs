@@ -1092,3 +1092,165 @@ async fn forward_auth_applies_the_preflight_and_method_rules_to_the_original_met
     assert_eq!(resp.status(), 401);
     gate.stop().await;
 }
+
+/// A fake Frontend API: records each request, answers with two cookies and a `Location` on its
+/// own host.
+/// Method, URI, headers and body of one request the fake Frontend API received.
+type FapiRequest = (String, String, http::HeaderMap, Bytes);
+
+struct Fapi {
+    url: String,
+    seen: Arc<Mutex<Vec<FapiRequest>>>,
+}
+
+impl Fapi {
+    async fn start() -> Fapi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<FapiRequest>>> = Arc::new(Mutex::new(Vec::new()));
+        let st = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let uri = req.uri().to_string();
+                            let headers = req.headers().clone();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            st.lock().unwrap().push((method, uri, headers, body));
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(302)
+                                    .header("location", format!("http://{addr}/v1/foo?x=1"))
+                                    .header("set-cookie", "__client=abc; Path=/; HttpOnly")
+                                    .header("set-cookie", "__client_uat=1; Path=/")
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from_static(b"{\"ok\":true}")))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Fapi {
+            url: format!("http://{addr}"),
+            seen,
+        }
+    }
+}
+
+#[tokio::test]
+async fn frontend_api_proxy_forwards_clerk_traffic_as_clerk_documents_it() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let fapi = Fapi::start().await;
+    let gate = Sidecar::start(
+        &clerk,
+        &upstream,
+        &format!(
+            "[browser]\nfapi_proxy_path = \"/__clerk\"\nfapi_url = \"{}\"\n",
+            fapi.url
+        ),
+    )
+    .await;
+    let resp = no_redirects()
+        .post(gate.url("/__clerk/v1/client/sign_ins?_clerk_js_version=5"))
+        .header("cookie", "__client=old; __client_uat=0")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-user-id", "user_spoofed")
+        .header("clerk-secret-key", "sk_live_from_the_client")
+        .body("identifier=a%40example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 302, "redirects are relayed, not followed");
+    let set: Vec<_> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        set,
+        ["__client=abc; Path=/; HttpOnly", "__client_uat=1; Path=/"]
+    );
+    assert_eq!(
+        resp.headers()["location"],
+        gate.url("/__clerk/v1/foo?x=1").as_str(),
+        "FAPI Location rewritten to the proxy URL"
+    );
+    let all_headers = format!("{:?}", resp.headers());
+    assert!(
+        !all_headers.contains(&clerk.secret_key),
+        "secret never returned"
+    );
+    assert_eq!(resp.text().await.unwrap(), "{\"ok\":true}");
+
+    let seen = fapi.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    let (method, uri, h, body) = &seen[0];
+    assert_eq!(method, "POST");
+    assert_eq!(uri, "/v1/client/sign_ins?_clerk_js_version=5");
+    assert_eq!(body.as_ref(), b"identifier=a%40example.com");
+    assert_eq!(h["clerk-proxy-url"], gate.url("/__clerk").as_str());
+    assert_eq!(
+        h["clerk-secret-key"],
+        clerk.secret_key.as_str(),
+        "the server's key, not the client's"
+    );
+    assert_eq!(h["host"], fapi.url.trim_start_matches("http://"));
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["accept-encoding"], "identity");
+    assert_eq!(h["cookie"], "__client=old; __client_uat=0");
+    assert_eq!(upstream.count(), 0, "the app never sees Clerk's traffic");
+    assert!(
+        gate.metrics_text()
+            .await
+            .contains("outcome=\"fapi_proxy\"} 1")
+    );
+
+    // A path that normalises out of the proxy path is not Clerk's: authenticated as usual.
+    let resp = client()
+        .get(gate.url("/__clerk/../admin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fapi.seen.lock().unwrap().len(), 1);
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn frontend_api_proxy_needs_the_secret_key_and_a_path() {
+    let clerk = FakeClerk::start().await;
+    let base = format!(
+        "[proxy]\nupstream = \"http://127.0.0.1:1\"\n[clerk]\npublishable_key = \"{}\"\njwt_key = \"x\"\n",
+        clerk.publishable_key()
+    );
+    let err = crate::support::sidecar::config(&base, "[browser]\nfapi_proxy_path = \"/__clerk\"\n")
+        .unwrap_err();
+    assert_eq!(err.key, "browser.fapi_proxy_path");
+    assert!(err.message.contains("secret_key"), "{err}");
+    let err = crate::support::sidecar::config(
+        &base,
+        "[clerk]\nsecret_key = \"sk_test_x\"\n[browser]\nfapi_proxy_path = \"__clerk\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "browser.fapi_proxy_path");
+    let err = crate::support::sidecar::config(&base, "[browser]\nsign_in_url = \"sign-in\"\n")
+        .unwrap_err();
+    assert_eq!(err.key, "browser.sign_in_url");
+    let err =
+        crate::support::sidecar::config(&base, "[cors]\npreflight = \"answer\"\n").unwrap_err();
+    assert_eq!(err.key, "cors.allowed_origins");
+}
