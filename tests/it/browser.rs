@@ -1254,3 +1254,54 @@ async fn frontend_api_proxy_needs_the_secret_key_and_a_path() {
         crate::support::sidecar::config(&base, "[cors]\npreflight = \"answer\"\n").unwrap_err();
     assert_eq!(err.key, "cors.allowed_origins");
 }
+
+#[tokio::test]
+async fn same_origin_spa_fetches_with_cookies_and_is_never_redirected() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let bapi = Bapi::start(&clerk).await;
+    let gate = browser_gate(&clerk, &upstream, &bapi, false, "").await;
+    let fetch = |cookie: String| {
+        no_redirects()
+            .post(gate.url("/api/items"))
+            .header("sec-fetch-dest", "empty")
+            .header("sec-fetch-mode", "same-origin")
+            .header("accept", "application/json")
+            .header("cookie", cookie)
+            .body("{}")
+            .send()
+    };
+    let resp = fetch(format!(
+        "__session={}; __client_uat={}",
+        clerk.session_token("user_1"),
+        now() - 100
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-user-id"], "user_1");
+    assert!(
+        seen.headers
+            .get_all("cookie")
+            .iter()
+            .all(|c| !c.to_str().unwrap().contains("__session")),
+        "the token cookie is not forwarded"
+    );
+    // After a minute idle, before clerk-js refreshed the cookie: a 401 the app can retry on,
+    // never a redirect a fetch cannot follow.
+    let resp = fetch(format!(
+        "__session={}; __client_uat={}",
+        expired_token(&clerk),
+        now() - 1000
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["x-clerk-auth-reason"],
+        "session-token-expired-refresh-non-eligible-non-get"
+    );
+    assert!(bapi.calls().is_empty(), "no Backend API call for a fetch");
+    gate.stop().await;
+}
