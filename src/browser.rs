@@ -439,6 +439,8 @@ impl<'a> Ctx<'_, 'a> {
         // verified token passed the first two, a rejected one is decoded here for the order.
         let iat = match &verified {
             Ok(identity) => identity.iat.map(|i| i as f64),
+            // Refused on its length alone, never decoded.
+            Err(AuthError::TooLarge) => return signed_out(AuthError::TooLarge, Vec::new()),
             Err(_) => {
                 let Some(peek) = sdk::peek(token) else {
                     return signed_out(AuthError::Invalid, Vec::new());

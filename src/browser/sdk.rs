@@ -41,6 +41,9 @@ impl Names {
     }
 }
 
+/// Longest token [`peek`] decodes.
+const PEEK_MAX_BYTES: usize = 16 * 1024;
+
 /// The unverified claims the SDK reads before verification.
 #[derive(Debug, Default, Deserialize)]
 pub struct Peek {
@@ -67,6 +70,11 @@ fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>,
 
 /// `decodeJwt` without verification: three segments, a JSON header and payload.
 pub fn peek(token: &str) -> Option<Peek> {
+    // Clerk's tokens fit a 4 KB cookie; anything near the default `auth.max_token_bytes` is not
+    // worth decoding for a heuristic.
+    if token.len() > PEEK_MAX_BYTES {
+        return None;
+    }
     let mut parts = token.split('.');
     let (Some(h), Some(p), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
