@@ -1,7 +1,7 @@
 //! Browser mode (issue 14): CORS preflights, route rules by method, Clerk's handshake for page
 //! loads and its return leg, refresh without a redirect, sign-in redirects; and a differential
-//! matrix against `@clerk/backend`'s own `authenticateRequest` (tests/browser-sdk, run with
-//! Node) on the same requests.
+//! matrix against `@clerk/backend`'s own `authenticateRequest` (tests/sdk/authenticate_request.mjs,
+//! run with Node; the package is installed by .ci/sdk-deps) on the same requests.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -660,7 +660,7 @@ async fn signed_out_page_load_on_a_required_route_goes_to_sign_in_and_fetch_keep
 
 // ---------------------------------------------------------------------------------------------
 // The differential matrix: the same requests through @clerk/backend's authenticateRequest
-// (Node, tests/browser-sdk) and through clerkgate.
+// (Node, tests/sdk/authenticate_request.mjs) and through clerkgate.
 
 struct Case {
     name: String,
@@ -671,9 +671,9 @@ struct Case {
 
 /// Runs the SDK on `cases`; `None` (with a SKIP line) when Node or the package is missing.
 async fn sdk_answers(options: Value, cases: &[Case], gate: &Sidecar) -> Option<Vec<Value>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser-sdk");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk");
     if !dir.join("node_modules/@clerk/backend").is_dir() {
-        println!("SKIP: tests/browser-sdk/node_modules missing (run .ci/browser-deps: npm ci)");
+        println!("SKIP: tests/sdk/node_modules missing (run .ci/sdk-deps: npm ci)");
         return None;
     }
     let input = json!({
@@ -689,7 +689,7 @@ async fn sdk_answers(options: Value, cases: &[Case], gate: &Sidecar) -> Option<V
     });
     // Async: the SDK calls the fake Backend API, served by this very runtime.
     let mut child = match tokio::process::Command::new("node")
-        .arg(dir.join("oracle.mjs"))
+        .arg(dir.join("authenticate_request.mjs"))
         .current_dir(&dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

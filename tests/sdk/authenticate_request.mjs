@@ -1,4 +1,4 @@
-// @clerk/backend's authenticateRequest as an oracle for tests/it/browser.rs.
+// @clerk/backend's authenticateRequest as an oracle for tests/it/browser.rs (browser mode).
 //
 // stdin: {"options": {publishableKey, secretKey, jwtKey, apiUrl}, "cases": [{url, method, headers}]}
 // stdout: one JSON array, per case {status, reason, location, setCookies, cacheControl, error}.
