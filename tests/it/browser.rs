@@ -823,6 +823,28 @@ fn matrix(clerk: &FakeClerk, suffix: &str, dev: bool) -> Vec<Case> {
             ),
         ),
         (
+            "suffixed valid",
+            format!(
+                "__session_{suffix}={valid}; __client_uat_{suffix}={}",
+                t - 100
+            ),
+        ),
+        (
+            "suffixed expired, plain valid and newer",
+            format!(
+                "__session={valid}; __client_uat={}; __session_{suffix}={expired}; __client_uat_{suffix}={}",
+                t - 100,
+                t - 1000
+            ),
+        ),
+        (
+            "suffixed valid, plain signed out",
+            format!(
+                "__client_uat=0; __session_{suffix}={valid}; __client_uat_{suffix}={}",
+                t - 100
+            ),
+        ),
+        (
             "expired, loop 3",
             format!(
                 "__session={expired}; __client_uat={}; __clerk_redirect_count=3",
@@ -862,9 +884,9 @@ fn matrix(clerk: &FakeClerk, suffix: &str, dev: bool) -> Vec<Case> {
                     let mut cookie = cookie.clone();
                     if let Some(db) = db {
                         cookie = if cookie.is_empty() {
-                            format!("__clerk_db_jwt={db}")
+                            format!("__clerk_db_jwt={db}; __clerk_db_jwt_{suffix}={db}")
                         } else {
-                            format!("{cookie}; __clerk_db_jwt={db}")
+                            format!("{cookie}; __clerk_db_jwt={db}; __clerk_db_jwt_{suffix}={db}")
                         };
                     }
                     let mut headers: Vec<(String, String)> = kh
@@ -883,7 +905,8 @@ fn matrix(clerk: &FakeClerk, suffix: &str, dev: bool) -> Vec<Case> {
                 }
             }
         }
-        let db_cookie = db.map(|d| format!("__clerk_db_jwt={d}"));
+        // A browser holds the dev-browser token under both names once suffixed cookies are in use.
+        let db_cookie = db.map(|d| format!("__clerk_db_jwt={d}; __clerk_db_jwt_{suffix}={d}"));
         for (bname, token) in [("valid bearer", &valid), ("expired bearer", &expired)] {
             for (kname, kh) in &kinds[..4] {
                 let mut headers: Vec<(String, String)> = kh
