@@ -297,6 +297,25 @@ impl Browser {
         let Some(hs) = &self.handshake else {
             return self.plain(&parts.headers).await;
         };
+        // The header path reads the cookies only when the token is refused: an API client's
+        // valid token costs no cookie parsing.
+        let header_token = match token::extract(&parts.headers, &self.header_names, false) {
+            Err(e) => return signed_out(e, Vec::new()),
+            Ok(Some(found)) if found.carrier == Carrier::Header => Some(found.token),
+            Ok(_) => None,
+        };
+        let verified = match header_token {
+            Some(token) => Some(self.verify(token).await),
+            None => None,
+        };
+        if let (Some(token), Some(Ok(identity))) = (header_token, &verified) {
+            return Verdict::SignedIn {
+                identity: identity.clone(),
+                token: Cow::Borrowed(token),
+                cookies: Vec::new(),
+                strip_handshake_params: false,
+            };
+        }
         let view = View::new(parts, &self.names, hs.development);
         let ctx = Ctx {
             browser: self,
@@ -305,14 +324,10 @@ impl Browser {
             parts,
             tls,
         };
-        match token::extract(&parts.headers, &self.header_names, false) {
-            Err(e) => return signed_out(e, Vec::new()),
-            Ok(Some(found)) if found.carrier == Carrier::Header => {
-                return ctx.header(found.token).await;
-            }
-            Ok(_) => {}
+        match (header_token, verified) {
+            (Some(token), Some(Err(e))) => ctx.token_error(e, token).await,
+            _ => ctx.cookie().await,
         }
-        ctx.cookie().await
     }
 
     /// Without the handshake: today's rules (header or cookie, `__client_uat` checks).
@@ -384,19 +399,6 @@ fn time_reason(e: AuthError) -> Option<&'static str> {
 }
 
 impl<'a> Ctx<'_, 'a> {
-    /// `authenticateRequestWithTokenInHeader`.
-    async fn header(&self, token: &'a str) -> Verdict<'a> {
-        match self.browser.verify(token).await {
-            Ok(identity) => Verdict::SignedIn {
-                identity,
-                token: Cow::Borrowed(token),
-                cookies: Vec::new(),
-                strip_handshake_params: false,
-            },
-            Err(e) => self.token_error(e, token).await,
-        }
-    }
-
     /// `authenticateRequestWithTokenInCookie` (satellite and organization-sync rules aside:
     /// clerkgate has neither option).
     async fn cookie(&self) -> Verdict<'a> {
