@@ -163,6 +163,8 @@ struct Handshake {
     endpoint: url::Url,
     development: bool,
     api: Arc<BackendApi>,
+    /// A fifth of `sessions.api_budget_per_10s` for browser-triggered calls.
+    share: CallShare,
 }
 
 /// Browser mode, compiled once.
@@ -178,6 +180,36 @@ pub struct Browser {
     header_names: CookieNames,
     trust_forwarded: bool,
     accept_cookie: bool,
+}
+
+/// A share of the Backend API budget for the calls a browser can trigger (handshake payload,
+/// refresh): anyone can send a made-up `__clerk_handshake_nonce`, and those calls must not spend
+/// the budget the session checks and the local API live on.
+struct CallShare {
+    limit: u32,
+    window: std::sync::Mutex<(std::time::Instant, u32)>,
+}
+
+impl CallShare {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit: limit.max(1),
+            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+
+    /// Takes one call from the current 10-second window, or says no.
+    fn take(&self) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0.elapsed() >= std::time::Duration::from_secs(10) {
+            *w = (std::time::Instant::now(), 0);
+        }
+        if w.1 >= self.limit {
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
 }
 
 /// Largest Backend API answer read for a handshake payload or a refresh.
@@ -208,6 +240,7 @@ impl Browser {
                     endpoint,
                     development: pk.instance_type == InstanceType::Development,
                     api,
+                    share: CallShare::new(config.sessions.api_budget_per_10s / 5),
                 })
             }
             (true, _, _) => {
@@ -595,6 +628,14 @@ impl<'a> Ctx<'_, 'a> {
     /// browser, the new `__session` verified. Any failure is signed out, never another
     /// handshake.
     async fn resolve_nonce(&self, nonce: &str) -> Verdict<'a> {
+        if !self.hs.share.take() {
+            tracing::debug!("handshake payload call refused: browser share of the budget spent");
+            return Verdict::SignedOut {
+                error: AuthError::Missing,
+                reason: Cow::Borrowed(reason::TOKEN_MISSING),
+                cookies: Vec::new(),
+            };
+        }
         let query: String = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("nonce", nonce)
             .finish();
@@ -669,6 +710,10 @@ impl<'a> Ctx<'_, 'a> {
             .sid
             .filter(|s| crate::clerk::api::is_id(s))
             .ok_or(Cow::Borrowed("expired-session-token-missing-sid-claim"))?;
+        if !self.hs.share.take() {
+            // What the SDK reports when Clerk refuses for its rate limit.
+            return Err(Cow::Borrowed("unexpected-bapi-error"));
+        }
         let origin = sdk::public_url(self.parts, self.tls, self.browser.trust_forwarded)
             .map(|u| u.origin().ascii_serialization())
             .unwrap_or_default();

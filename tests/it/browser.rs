@@ -1328,3 +1328,34 @@ async fn same_origin_spa_fetches_with_cookies_and_is_never_redirected() {
     assert!(bapi.calls().is_empty(), "no Backend API call for a fetch");
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn made_up_nonces_spend_only_the_browser_share_of_the_backend_api_budget() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let bapi = Bapi::start(&clerk).await;
+    // A fifth of 10 calls per 10 s: two handshake-payload calls.
+    let gate = browser_gate(
+        &clerk,
+        &upstream,
+        &bapi,
+        false,
+        "[sessions]\napi_budget_per_10s = 10\n",
+    )
+    .await;
+    for i in 0..5 {
+        let mut req =
+            no_redirects().get(gate.url(&format!("/p?__clerk_handshake_nonce=made-up-{i}")));
+        for (k, v) in NAV {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "signed out, never a loop");
+        assert_eq!(
+            resp.headers()["x-clerk-auth-reason"],
+            "session-token-missing"
+        );
+    }
+    assert_eq!(bapi.calls().len(), 2, "{:?}", bapi.calls());
+    gate.stop().await;
+}
