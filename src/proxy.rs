@@ -70,6 +70,9 @@ pub struct Config {
     pub trust_forwarded_headers: bool,
     /// Send the client's `Host` upstream (otherwise the upstream's own authority).
     pub preserve_host: bool,
+    /// Keep a client-sent `X-Request-Id` (only behind a balancer that sets it); otherwise
+    /// clerkgate sets its own on every request.
+    pub trust_request_id: bool,
     /// PEM certificate chain for TLS on the proxy listener (with `tls_key_path`).
     pub tls_cert_path: Option<String>,
     /// PEM private key for TLS on the proxy listener.
@@ -99,6 +102,7 @@ impl Default for Config {
             encoded_slashes: EncodedSlashes::Reject,
             trust_forwarded_headers: false,
             preserve_host: true,
+            trust_request_id: false,
             tls_cert_path: None,
             tls_key_path: None,
             upstream_ca_path: None,
@@ -275,10 +279,59 @@ pub struct Proxy {
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
+    request_ids: RequestIds,
+    access_log: bool,
+    access_user_id: bool,
     metrics: Arc<Metrics>,
     /// Browser mode (CORS, handshake, sign-in redirects); `None` keeps [`Proxy::decide`] alone.
     browser: Option<crate::browser::Browser>,
 }
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// Request ids: a random per-process prefix and a counter, so an id costs one small formatted
+/// string, not a random draw per request, and ids from different replicas never collide.
+struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+    trust: bool,
+}
+
+impl RequestIds {
+    fn new(trust: bool) -> Self {
+        let mut bytes = [0u8; 6];
+        let _ = aws_lc_rs::rand::fill(&mut bytes);
+        Self {
+            prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+            next: std::sync::atomic::AtomicU64::new(1),
+            trust,
+        }
+    }
+
+    /// The client's id when trusted and sane (printable ASCII, at most 128 bytes), else a new one.
+    fn for_request(&self, headers: &http::HeaderMap) -> HeaderValue {
+        if self.trust
+            && let Some(v) = headers.get(&X_REQUEST_ID)
+            && !v.is_empty()
+            && v.len() <= 128
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        {
+            return v.clone();
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+}
+
+/// What the access line needs from deep inside the request path, carried in the response's
+/// extensions (inserted only when the access log is on, or on a refusal).
+#[derive(Clone, Copy)]
+struct Reason(&'static str);
+#[derive(Clone, Copy)]
+struct UpstreamTime(Duration);
+#[derive(Clone)]
+struct AccessUser(Box<str>);
 
 /// What the auth step decided.
 enum Decision {
@@ -361,6 +414,9 @@ impl Proxy {
             encoded_slashes: p.encoded_slashes,
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
+            request_ids: RequestIds::new(p.trust_request_id),
+            access_log: config.log.access,
+            access_user_id: config.log.access_user_id,
             metrics,
             browser: None,
         })
@@ -375,12 +431,18 @@ impl Proxy {
     /// Handles one request from a client.
     pub async fn handle_request(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
+        // One id per request, sent upstream and back to the client (and in the access line).
+        let request_id = self.request_ids.for_request(req.headers());
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
         // Logged without the query string, which may carry secrets.
-        let log_line = tracing::enabled!(tracing::Level::DEBUG)
+        let access =
+            self.access_log && tracing::enabled!(target: "clerkgate::access", tracing::Level::INFO);
+        let log_line = (access || tracing::enabled!(tracing::Level::DEBUG))
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let (resp, outcome) = if req.method() == Method::CONNECT {
             // A CONNECT tunnel would carry anything past every check (RFC 9110 section 9.3.6).
@@ -402,10 +464,27 @@ impl Proxy {
         } else {
             self.proxy(req, &conn).await
         };
+        let mut resp = resp;
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         self.metrics.requests.inc(outcome);
         let elapsed = start.elapsed();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        if let Some((method, path)) = log_line {
+        if access && let Some((method, path)) = &log_line {
+            let ext = resp.extensions();
+            tracing::info!(
+                target: "clerkgate::access",
+                method = %method,
+                path = path.as_str(),
+                status = resp.status().as_u16(),
+                outcome = crate::telemetry::Label::as_label(outcome),
+                reason = ext.get::<Reason>().map(|r| r.0),
+                micros = elapsed.as_micros() as u64,
+                upstream_micros = ext.get::<UpstreamTime>().map(|t| t.0.as_micros() as u64),
+                request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()),
+                user_id = ext.get::<AccessUser>().map(|u| &*u.0),
+                "access"
+            );
+        } else if let Some((method, path)) = log_line {
             tracing::debug!(
                 %method,
                 path,
@@ -438,7 +517,9 @@ impl Proxy {
             reason = r.reason(),
             "request refused"
         );
-        (r.response().map(Either::Right), r.outcome())
+        let mut resp = r.response().map(Either::Right);
+        resp.extensions_mut().insert(Reason(r.reason()));
+        (resp, r.outcome())
     }
 
     /// Removes client-sent identity headers, or refuses the request under `reject`.
@@ -597,6 +678,7 @@ impl Proxy {
         let mut req = Request::from_parts(parts, body);
 
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let sent = Instant::now();
         let resp = match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await
         {
             Ok(Ok(resp)) => resp,
@@ -611,6 +693,19 @@ impl Proxy {
             Err(_) => return self.reject(Rejection::Upstream(UpstreamErrorKind::Timeout)),
         };
         let (mut resp, lease) = resp;
+        let upstream_time = sent.elapsed();
+        self.metrics
+            .upstream_duration
+            .observe(upstream_time.as_secs_f64());
+        if self.access_log {
+            resp.extensions_mut().insert(UpstreamTime(upstream_time));
+            if self.access_user_id
+                && let Some(allowed) = &identity
+            {
+                resp.extensions_mut()
+                    .insert(AccessUser(allowed.identity.user_id().into()));
+            }
+        }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // A 101 to anything but the WebSocket handshake we forwarded would make the
             // connection a tunnel nobody authorised: refuse it, and drop (never pool) the

@@ -337,6 +337,7 @@ pub struct Metrics {
     pub fleet_connected: IntGauge,
     pub fleet_events: LabeledCounter2<FleetDirection, FleetEventKind>,
     pub fleet_propagation: Histogram,
+    pub upstream_duration: Histogram,
 }
 
 label_enum! {
@@ -376,6 +377,21 @@ impl Metrics {
                 .expect("registered once");
             g
         };
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "clerkgate_upstream_duration_seconds",
+                "Time from the request sent upstream to the upstream's response head: the part of \
+                 clerkgate_request_duration_seconds that is the upstream's, not clerkgate's.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(upstream_duration.clone()))
+            .expect("registered once");
         let fleet_propagation = Histogram::with_opts(
             HistogramOpts::new(
                 "clerkgate_fleet_propagation_seconds",
@@ -518,6 +534,7 @@ impl Metrics {
                 ["direction", "kind"],
             ),
             fleet_propagation,
+            upstream_duration,
             registry,
         }
     }
@@ -544,6 +561,11 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing `EnvFilter` directive; `RUST_LOG` overrides it when set.
     pub level: String,
+    /// One info line per proxied request (target `clerkgate::access`): method, path without
+    /// query, status, outcome, reason code, total and upstream time, request id.
+    pub access: bool,
+    /// Include the verified user id in access lines.
+    pub access_user_id: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -558,6 +580,8 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Json,
             level: "info".into(),
+            access: true,
+            access_user_id: false,
         }
     }
 }

@@ -620,3 +620,69 @@ async fn sigterm_while_a_jwks_fetch_hangs_still_exits_within_the_drain_deadline(
         "nothing was in flight, yet the exit took {exited:?}; log:\n{log}"
     );
 }
+
+/// The access log of the real binary: one JSON line per request with the documented fields,
+/// and never a token, a cookie or a query string.
+#[tokio::test]
+async fn access_lines_name_each_request_and_never_its_secrets() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Running::start(&config_toml(&clerk, &clerk.url, "", &upstream.url(), 0, 5));
+    assert!(
+        eventually(WAIT, async || gate.readyz().await == Some(200)).await,
+        "ready; log:\n{}",
+        gate.log()
+    );
+    let token = clerk.session_token("user_access");
+    let http = crate::support::client();
+    let ok = http
+        .get(format!(
+            "http://{}/orders/7?api_key=query-secret",
+            gate.proxy
+        ))
+        .bearer_auth(&token)
+        .header("cookie", "__session=cookie-secret; theme=dark")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let id = ok.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let refused = http
+        .get(format!("http://{}/admin?x=1", gate.proxy))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let access = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "clerkgate::access")
+            .collect()
+    };
+    assert!(
+        eventually(WAIT, async || access(&gate.log()).len() >= 2).await,
+        "two access lines; log:\n{}",
+        gate.log()
+    );
+    let log = gate.log();
+    let lines = access(&log);
+    let first = &lines[0];
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/orders/7");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["outcome"], "forwarded");
+    assert_eq!(first["request_id"], id.as_str());
+    assert!(first["micros"].as_u64().is_some());
+    assert!(first["upstream_micros"].as_u64().is_some());
+    assert!(
+        first.get("user_id").is_none(),
+        "off unless log.access_user_id"
+    );
+    let second = &lines[1];
+    assert_eq!(second["path"], "/admin");
+    assert_eq!(second["status"], 401);
+    assert_eq!(second["reason"], "session-token-missing");
+    for secret in [token.as_str(), "query-secret", "cookie-secret", "api_key"] {
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+}

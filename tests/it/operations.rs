@@ -794,3 +794,63 @@ async fn oversized_request_head_is_refused_before_reaching_the_upstream() {
     assert_eq!(resp.status(), 200);
     gate.stop().await;
 }
+
+#[tokio::test]
+async fn every_request_gets_an_id_sent_upstream_and_back_and_traceparent_passes() {
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Sidecar::start(&clerk, &upstream, "").await;
+    let http = client();
+    let token = clerk.session_token("user_1");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let resp = http
+            .get(gate.url("/orders"))
+            .bearer_auth(&token)
+            .header("x-request-id", "client-chosen")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let seen = upstream.last().headers;
+        assert_eq!(
+            seen["x-request-id"],
+            id.as_str(),
+            "the upstream got the same id"
+        );
+        assert_ne!(id, "client-chosen", "not trusted by default");
+        assert_eq!(
+            seen["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct ids");
+    // Refusals carry one too.
+    let resp = http.get(gate.url("/orders")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(resp.headers().contains_key("x-request-id"));
+    gate.stop().await;
+
+    let gate = Sidecar::start(&clerk, &upstream, "[proxy]\ntrust_request_id = true\n").await;
+    for (sent, kept) in [("lb-7f3a", true), ("bad id with spaces", false)] {
+        let resp = http
+            .get(gate.url("/orders"))
+            .bearer_auth(&token)
+            .header("x-request-id", sent)
+            .send()
+            .await
+            .unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(id == sent, kept, "{sent}");
+        assert_eq!(upstream.last().headers["x-request-id"], id.as_str());
+    }
+    gate.stop().await;
+}
