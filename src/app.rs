@@ -117,7 +117,7 @@ impl App {
                 TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms)
                     .with_eviction_counter(metrics.token_cache_evictions.clone()),
                 IdentityBuilder::new(&config.headers)
-                    .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
+                    .keep_claims(config.routes.iter().any(|r| r.needs_claims())),
                 metrics.clone(),
             )
             .with_max_token_bytes(config.auth.max_token_bytes),
@@ -180,6 +180,7 @@ impl App {
         }
         // One Backend API client for the session checks and the local API: Clerk's rate limit
         // is per instance, so they share its budget and any Retry-After pause.
+        let machine_api = api.clone();
         let local_api = match (config.local_api.serves(&config.clerk), api) {
             (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
                 &config.local_api,
@@ -193,14 +194,17 @@ impl App {
         let webhooks = Arc::new(
             Webhooks::new(&config, sessions.clone(), metrics.clone())?.with_fleet(fleet.clone()),
         );
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            auth,
-            sessions,
-            webhooks,
-            instance.cookie_suffix.as_deref(),
-            metrics.clone(),
-        )?);
+        let proxy = Arc::new(
+            Proxy::new(
+                &config,
+                auth,
+                sessions,
+                webhooks,
+                instance.cookie_suffix.as_deref(),
+                metrics.clone(),
+            )?
+            .with_machine_api(machine_api),
+        );
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());

@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::{Identity, IdentityBuilder};
+use crate::auth::machine::{self, MachineAuth, TokenType};
 use crate::auth::policy::{AuthMode, Policy, RouteMatch};
 use crate::auth::token::{self, Carrier, CookieNames};
 use crate::auth::{AuthError, Authenticator, SpoofPolicy, now_ms};
@@ -275,6 +276,10 @@ pub struct Proxy {
     trust_forwarded: bool,
     preserve_host: bool,
     metrics: Arc<Metrics>,
+    /// API keys, M2M and OAuth tokens on routes whose `accepts` lists them.
+    machine: MachineAuth,
+    /// `X-Clerk-Token-Type: session_token`, sent with every verified session.
+    session_type: (http::HeaderName, HeaderValue),
 }
 
 /// What the auth step decided.
@@ -283,17 +288,48 @@ enum Decision {
     Reject(Rejection),
 }
 
-/// A verified request: the (cached) identity and the claims header of this very token.
-struct Allowed {
-    identity: Arc<Identity>,
-    claims: Option<(http::HeaderName, HeaderValue)>,
+/// A verified request: the (cached) identity and the claims header of this very token, or a
+/// verified machine token.
+enum Allowed {
+    Session {
+        identity: Arc<Identity>,
+        claims: Option<(http::HeaderName, HeaderValue)>,
+    },
+    Machine(Arc<machine::Principal>),
 }
 
 impl Allowed {
-    fn insert_headers(&self, builder: &IdentityBuilder, h: &mut http::HeaderMap) {
-        self.identity.insert_headers(builder, h);
-        if let Some((name, value)) = &self.claims {
-            h.insert(name.clone(), value.clone());
+    fn insert_headers(
+        &self,
+        builder: &IdentityBuilder,
+        session_type: &(http::HeaderName, HeaderValue),
+        h: &mut http::HeaderMap,
+    ) {
+        match self {
+            Self::Session { identity, claims } => {
+                identity.insert_headers(builder, h);
+                h.insert(session_type.0.clone(), session_type.1.clone());
+                if let Some((name, value)) = claims {
+                    h.insert(name.clone(), value.clone());
+                }
+            }
+            Self::Machine(principal) => principal.insert_headers(h),
+        }
+    }
+
+    /// The verified session, when it is one.
+    fn session(&self) -> Option<&Arc<Identity>> {
+        match self {
+            Self::Session { identity, .. } => Some(identity),
+            Self::Machine(_) => None,
+        }
+    }
+
+    /// Who, for the debug log.
+    fn subject(&self) -> &str {
+        match self {
+            Self::Session { identity, .. } => identity.user_id(),
+            Self::Machine(principal) => &principal.subject,
         }
     }
 }
@@ -329,6 +365,14 @@ impl Proxy {
             Duration::from_secs(p.pool_idle_timeout_seconds),
         )
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
+        let machine = MachineAuth::new(
+            &config.machine,
+            &config.headers,
+            auth.keys.clone(),
+            auth.verifier.clone(),
+            metrics.clone(),
+        )
+        .with_max_token_bytes(config.auth.max_token_bytes);
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             strip_request: config
@@ -358,8 +402,22 @@ impl Proxy {
             encoded_slashes: p.encoded_slashes,
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
+            machine,
+            session_type: (
+                machine::HeaderNames::new(&config.headers)
+                    .token_type()
+                    .clone(),
+                HeaderValue::from_static("session_token"),
+            ),
             metrics,
         })
+    }
+
+    /// The Backend API client that verifies opaque machine tokens (shared with the session
+    /// checks: one budget, one `Retry-After` pause).
+    pub fn with_machine_api(mut self, api: Option<Arc<crate::clerk::api::BackendApi>>) -> Self {
+        self.machine = self.machine.with_api(api);
+        self
     }
 
     /// Handles one request from a client.
@@ -444,7 +502,13 @@ impl Proxy {
             return Decision::Allow(None);
         }
         let optional = route.auth == AuthMode::Optional;
-        let found = match token::extract(headers, &self.cookies, self.accept_cookie) {
+        let extracted = token::extract(headers, &self.cookies, self.accept_cookie);
+        if !route.accepts.is_session_only()
+            && let Some(decision) = self.decide_machine(&extracted, route, optional).await
+        {
+            return decision;
+        }
+        let found = match extracted {
             Ok(Some(found)) => found,
             Ok(None) if optional => return Decision::Allow(None),
             Ok(None) => return Decision::Reject(Rejection::Auth(AuthError::Missing)),
@@ -473,9 +537,7 @@ impl Proxy {
         let identity = match result {
             Ok(identity) => identity,
             // An outage is never hidden behind "anonymous".
-            Err(e @ (AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)) => {
-                return Decision::Reject(Rejection::Auth(e));
-            }
+            Err(e) if e.is_outage() => return Decision::Reject(Rejection::Auth(e)),
             Err(e) if optional => {
                 self.metrics.auth_failures.inc(e.failure());
                 return Decision::Allow(None);
@@ -483,12 +545,54 @@ impl Proxy {
             Err(e) => return Decision::Reject(Rejection::Auth(e)),
         };
         match route.authorize(&identity) {
-            Ok(()) => Decision::Allow(Some(Allowed {
+            Ok(()) => Decision::Allow(Some(Allowed::Session {
                 claims: self.auth.builder.claims_header(found.token),
                 identity,
             })),
             Err(e) => Decision::Reject(Rejection::Policy(e)),
         }
+    }
+
+    /// `accepts` as `authenticateRequest` applies `acceptsToken` (a list or `any`): a header
+    /// token of a type not listed (no header token counts as a session token) is
+    /// `token-type-mismatch` before any verification; a machine token is verified here; a
+    /// session token (header or cookie) returns `None`, for the session path.
+    async fn decide_machine(
+        &self,
+        extracted: &Result<Option<token::Found<'_>>, AuthError>,
+        route: &RouteMatch<'_>,
+        optional: bool,
+    ) -> Option<Decision> {
+        let header_token = match extracted {
+            Ok(Some(found)) if found.carrier == Carrier::Header => Some(found.token),
+            Ok(Some(_)) => None,
+            Ok(None) if optional => return Some(Decision::Allow(None)),
+            Ok(None) => None,
+            // Two `Authorization` headers: the session path refuses them.
+            Err(_) => return None,
+        };
+        let refuse = |e: AuthError| {
+            if optional && !e.is_outage() {
+                self.metrics.auth_failures.inc(e.failure());
+                Decision::Allow(None)
+            } else {
+                Decision::Reject(Rejection::Auth(e))
+            }
+        };
+        let token_type = header_token.map_or(TokenType::SessionToken, machine::classify);
+        if !route.accepts.accepts(token_type) {
+            return Some(refuse(AuthError::TypeMismatch));
+        }
+        let token = header_token.filter(|_| token_type != TokenType::SessionToken)?;
+        Some(
+            match self.machine.verify(token, token_type, now_ms()).await {
+                Ok(principal) => match route.authorize_machine(&principal) {
+                    Ok(()) => Decision::Allow(Some(Allowed::Machine(principal))),
+                    Err(e) => Decision::Reject(Rejection::Policy(e)),
+                },
+                Err(e) => refuse(e),
+            },
+        )
     }
 
     async fn proxy(
@@ -567,8 +671,8 @@ impl Proxy {
         }
         let outcome = match &identity {
             Some(allowed) => {
-                allowed.insert_headers(&self.auth.builder, h);
-                tracing::debug!(user = %allowed.identity.user_id(), "authenticated");
+                allowed.insert_headers(&self.auth.builder, &self.session_type, h);
+                tracing::debug!(subject = %allowed.subject(), "authenticated");
                 Outcome::Forwarded
             }
             None => Outcome::Anonymous,
@@ -609,12 +713,11 @@ impl Proxy {
             // the tunnel and is dropped, not released, when it ends).
             // A tunnel of a signed-in session is closed when the session or its user is
             // revoked, on this replica or any other of the fleet.
-            let revoked = identity.as_ref().map(|allowed| {
-                self.sessions
-                    .store()
-                    .open_streams()
-                    .register(&allowed.identity)
-            });
+            // (Machine tokens have no session to revoke.)
+            let revoked = identity
+                .as_ref()
+                .and_then(Allowed::session)
+                .map(|session| self.sessions.store().open_streams().register(session));
             tokio::spawn(tunnel(
                 client_upgrade,
                 upstream_upgrade,
@@ -726,7 +829,7 @@ impl Proxy {
                 let h = resp.headers_mut();
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(&self.auth.builder, h);
+                    allowed.insert_headers(&self.auth.builder, &self.session_type, h);
                 }
                 // The token reaches the app only with `auth.forward_token`: the answer carries
                 // what the app may see of `Authorization` and `Cookie`, and the ingress sets
