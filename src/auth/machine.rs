@@ -619,14 +619,18 @@ impl MachineAuth {
             })
             .await
             .map_err(|e| *e)?;
-        if !called.load(std::sync::atomic::Ordering::Relaxed) {
+        if called.load(std::sync::atomic::Ordering::Relaxed) {
+            // After a Backend API call (never on the hot path of a hit): the count is exact
+            // once moka's pending inserts and evictions have run.
+            self.cache.run_pending_tasks().await;
+            self.metrics
+                .machine_cache_entries
+                .set(self.cache.entry_count() as i64);
+        } else {
             self.metrics
                 .machine_verifications
                 .inc(label, MachineResult::CacheHit);
         }
-        self.metrics
-            .machine_cache_entries
-            .set(self.cache.entry_count() as i64);
         match &cached.verdict {
             Verdict::Pass(p) => {
                 // The expiry bounds the entry; a hit is also checked against the clock.
