@@ -130,6 +130,19 @@ impl RouteConfig {
     }
 }
 
+/// `value` without any leading run of `org:`.
+fn strip_org(mut value: &str) -> &str {
+    while let Some(rest) = value.strip_prefix("org:") {
+        value = rest;
+    }
+    value
+}
+
+/// The SDK's `prefixWithOrg`: `value.replace(/^(org:)*/, "org:")`.
+fn prefix_with_org(value: &str) -> String {
+    format!("org:{}", strip_org(value))
+}
+
 /// Why a verified session may not use a route (403).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -232,14 +245,13 @@ impl Route {
         Self {
             pattern,
             auth: c.auth,
-            org_role: c.org_role.as_ref().map(|r| {
-                if r.starts_with("org:") {
-                    r.clone()
-                } else {
-                    format!("org:{r}")
-                }
-            }),
-            org_permissions: c.org_permissions.clone(),
+            // `prefixWithOrg` of the SDK: any run of `org:` prefixes becomes exactly one.
+            org_role: c.org_role.as_deref().map(prefix_with_org),
+            org_permissions: c
+                .org_permissions
+                .iter()
+                .map(|p| prefix_with_org(p))
+                .collect(),
             org_id: c.org_id.clone(),
             claims: c
                 .claims
@@ -297,8 +309,10 @@ impl Route {
             {
                 return Err(PolicyError::OrgId);
             }
+            // Compared as the SDK does, `org:` prefixes normalised on both sides (v1 tokens may
+            // carry the role without its prefix).
             if let Some(role) = &self.org_role
-                && org.role != Some(role.as_str())
+                && org.role.map(strip_org) != Some(strip_org(role))
             {
                 return Err(PolicyError::OrgRole);
             }
@@ -557,6 +571,29 @@ mod tests {
             Err(PolicyError::Claim)
         );
         assert_eq!(r.authorize(&identity(Some(admin), gold)), Ok(()));
+    }
+
+    #[test]
+    fn org_prefixes_are_normalised_like_prefix_with_org() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/a/**"
+            org_role = "org:org:admin"
+            org_permissions = ["dashboard:read"]
+            "#,
+        );
+        // A v1 token may carry the role without its prefix; the SDK compares both prefixed.
+        let org = Org {
+            id: "org_1".into(),
+            slug: None,
+            role: Some("admin".into()),
+            permissions: vec!["org:dashboard:read".into()],
+        };
+        assert_eq!(
+            p.route("/a").authorize(&identity(Some(org), json!({}))),
+            Ok(())
+        );
     }
 
     #[test]
