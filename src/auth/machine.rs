@@ -465,6 +465,9 @@ enum Verdict {
 struct Cached {
     verdict: Verdict,
     ttl: Duration,
+    /// For JWT forms: the key-store generation they were verified under (see
+    /// `KeyStore::generation`); a retired key invalidates them.
+    key_generation: Option<u64>,
 }
 
 struct CachedExpiry;
@@ -560,17 +563,7 @@ impl MachineAuth {
         }
         // `verifyMachineAuthToken`: the JWT form wins over the prefix.
         if is_jwt_format(token) {
-            let result = self.verify_jwt(token, now_ms).await;
-            let label = token_type.label();
-            self.metrics.machine_verifications.inc(
-                label,
-                match &result {
-                    Ok(p) if !p.machine_scope_ok => MachineResult::MachineScopeMissing,
-                    Ok(_) => MachineResult::Ok,
-                    Err(e) => result_label(*e),
-                },
-            );
-            return result;
+            return self.verify_jwt_cached(token, token_type, now_ms).await;
         }
         if !opaque_shape_ok(token) {
             self.metrics
@@ -579,6 +572,55 @@ impl MachineAuth {
             return Err(AuthError::Invalid);
         }
         self.verify_opaque(token, token_type, now_ms).await
+    }
+
+    /// A machine JWT: from the cache while it is unexpired and its key still current (a hash
+    /// and a lookup), otherwise verified locally and cached until `exp`.
+    async fn verify_jwt_cached(
+        &self,
+        token: &str,
+        token_type: TokenType,
+        now_ms: u64,
+    ) -> Result<Arc<Principal>, AuthError> {
+        let label = token_type.label();
+        let key = super::cache::TokenCache::key(token);
+        let skew = self.verifier.skew_ms();
+        if let Some(cached) = self.cache.get(&key).await
+            && let Verdict::Pass(p) = &cached.verdict
+            && cached.key_generation == Some(self.keys.generation())
+            && self.keys.ready()
+            && p.expiration_ms
+                .is_some_and(|exp| exp.saturating_add(skew) > now_ms)
+        {
+            self.metrics
+                .machine_verifications
+                .inc(label, MachineResult::CacheHit);
+            return Ok(p.clone());
+        }
+        let generation = self.keys.generation();
+        let result = self.verify_jwt(token, now_ms).await;
+        self.metrics.machine_verifications.inc(
+            label,
+            match &result {
+                Ok(p) if !p.machine_scope_ok => MachineResult::MachineScopeMissing,
+                Ok(_) => MachineResult::Ok,
+                Err(e) => result_label(*e),
+            },
+        );
+        if let Ok(p) = &result {
+            let until = p.expiration_ms.unwrap_or(now_ms).saturating_add(skew);
+            self.cache
+                .insert(
+                    key,
+                    Arc::new(Cached {
+                        verdict: Verdict::Pass(p.clone()),
+                        ttl: Duration::from_millis(until.saturating_sub(now_ms)),
+                        key_generation: Some(generation),
+                    }),
+                )
+                .await;
+        }
+        result
     }
 
     async fn verify_opaque(
@@ -615,7 +657,11 @@ impl MachineAuth {
                     }
                     Verdict::Refused(_) => Duration::from_secs(self.config.negative_cache_seconds),
                 };
-                Ok::<_, AuthError>(Arc::new(Cached { verdict, ttl }))
+                Ok::<_, AuthError>(Arc::new(Cached {
+                    verdict,
+                    ttl,
+                    key_generation: None,
+                }))
             })
             .await
             .map_err(|e| *e)?;

@@ -340,6 +340,14 @@ async fn m2m_jwts_are_verified_locally_and_must_name_this_machine() {
         upstream_header(&upstream, "x-clerk-scopes").as_deref(),
         Some("mch_self,mch_b")
     );
+    // Verified once; the second request is a cache hit (a hash and a lookup).
+    assert_eq!(get(&gate, "/machines", Some(&ok), &[]).await.status, 200);
+    let m = &gate.metrics.machine_verifications;
+    assert_eq!(m.get(MachineTokenLabel::M2mToken, MachineResult::Ok), 1);
+    assert_eq!(
+        m.get(MachineTokenLabel::M2mToken, MachineResult::CacheHit),
+        1
+    );
     let other = m2m_jwt(&clerk, "mch_a", "mch_b", CAT_M2M);
     let r = get(&gate, "/machines", Some(&other), &[]).await;
     assert_eq!(
