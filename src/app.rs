@@ -180,15 +180,21 @@ impl App {
         }
         // One Backend API client for the session checks and the local API: Clerk's rate limit
         // is per instance, so they share its budget and any Retry-After pause.
-        let machine_api = api.clone();
+        let machine = Arc::new(
+            crate::auth::machine::MachineAuth::for_config(&config, &auth, metrics.clone())
+                .with_api(api.clone()),
+        );
         let local_api = match (config.local_api.serves(&config.clerk), api) {
-            (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
-                &config.local_api,
-                api,
-                auth.clone(),
-                sessions.clone(),
-                metrics.clone(),
-            ))),
+            (Ok(()), Some(api)) => Some(Arc::new(
+                LocalApi::new(
+                    &config.local_api,
+                    api,
+                    auth.clone(),
+                    sessions.clone(),
+                    metrics.clone(),
+                )
+                .with_machine(machine.clone()),
+            )),
             _ => None,
         };
         let webhooks = Arc::new(
@@ -203,7 +209,7 @@ impl App {
                 instance.cookie_suffix.as_deref(),
                 metrics.clone(),
             )?
-            .with_machine_api(machine_api),
+            .with_machine(machine.clone()),
         );
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {

@@ -277,7 +277,7 @@ pub struct Proxy {
     preserve_host: bool,
     metrics: Arc<Metrics>,
     /// API keys, M2M and OAuth tokens on routes whose `accepts` lists them.
-    machine: MachineAuth,
+    machine: Arc<MachineAuth>,
     /// `X-Clerk-Token-Type: session_token`, sent with every verified session.
     session_type: (http::HeaderName, HeaderValue),
 }
@@ -365,14 +365,8 @@ impl Proxy {
             Duration::from_secs(p.pool_idle_timeout_seconds),
         )
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
-        let machine = MachineAuth::new(
-            &config.machine,
-            &config.headers,
-            auth.keys.clone(),
-            auth.verifier.clone(),
-            metrics.clone(),
-        )
-        .with_max_token_bytes(config.auth.max_token_bytes);
+        // Without a Backend API client until `with_machine` (opaque tokens are then 503).
+        let machine = Arc::new(MachineAuth::for_config(config, &auth, metrics.clone()));
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             strip_request: config
@@ -413,10 +407,10 @@ impl Proxy {
         })
     }
 
-    /// The Backend API client that verifies opaque machine tokens (shared with the session
-    /// checks: one budget, one `Retry-After` pause).
-    pub fn with_machine_api(mut self, api: Option<Arc<crate::clerk::api::BackendApi>>) -> Self {
-        self.machine = self.machine.with_api(api);
+    /// The machine-token verifier (with the Backend API client shared with the session checks
+    /// and the local API: one budget, one `Retry-After` pause, one verdict cache).
+    pub fn with_machine(mut self, machine: Arc<MachineAuth>) -> Self {
+        self.machine = machine;
         self
     }
 

@@ -400,6 +400,23 @@ impl Principal {
         }
     }
 
+    /// The local API's answer for a verified machine token (`POST /v1/tokens/verify`).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "object": "verified_token",
+            "token_type": self.token_type.as_str(),
+            "id": self.id,
+            "subject": self.subject,
+            "user_id": self.user_id(),
+            "org_id": self.org_id(),
+            "machine_id": self.machine_id(),
+            "client_id": self.client_id,
+            "name": self.name,
+            "scopes": self.scopes,
+            "expiration": self.expiration_ms,
+        })
+    }
+
     /// The identity headers, as a list.
     pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
         &self.headers
@@ -533,6 +550,22 @@ impl MachineAuth {
             metrics,
             max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
         }
+    }
+
+    /// The verifier for a configuration, sharing the authenticator's keys and issuer rules.
+    pub fn for_config(
+        config: &crate::config::Config,
+        auth: &super::Authenticator,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::new(
+            &config.machine,
+            &config.headers,
+            auth.keys.clone(),
+            auth.verifier.clone(),
+            metrics,
+        )
+        .with_max_token_bytes(config.auth.max_token_bytes)
     }
 
     /// The Backend API client for opaque tokens (absent: opaque tokens are 503).

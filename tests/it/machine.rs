@@ -648,3 +648,58 @@ async fn bad_machine_config_names_the_key() {
         assert_eq!(err.key, key, "{extra}");
     }
 }
+
+/// `POST /v1/tokens/verify` on the local API, with and without `accepts`.
+async fn local_verify(gate: &Sidecar, body: Value) -> (u16, Value) {
+    let resp = client()
+        .post(gate.local_url("/v1/tokens/verify"))
+        .json(&body)
+        .send()
+        .await
+        .expect("the local API answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_local_api_verifies_machine_tokens_it_is_told_to_accept() {
+    let (clerk, _upstream, gate) = start("[machine]\nmachine_id = \"mch_self\"\n").await;
+    clerk.machine_answer(
+        "ak_local",
+        200,
+        api_key_json("ak_9", "user_5", &["read", "write"]),
+    );
+    let (status, body) =
+        local_verify(&gate, json!({"token": "ak_local", "accepts": ["api_key"]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "api_key");
+    assert_eq!(body["user_id"], "user_5");
+    assert_eq!(body["id"], "ak_9");
+    assert_eq!(body["scopes"], json!(["read", "write"]));
+    // Default: session tokens only, as the SDK's default acceptsToken.
+    let (status, body) = local_verify(&gate, json!({"token": "ak_local"})).await;
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (401, Some("token-invalid"))
+    );
+    let (status, body) =
+        local_verify(&gate, json!({"token": "mt_x", "accepts": ["api_key"]})).await;
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (401, Some("token-type-mismatch"))
+    );
+    // The machine scope rule holds here too.
+    let other = m2m_jwt(&clerk, "mch_a", "mch_b", CAT_M2M);
+    let (status, body) = local_verify(&gate, json!({"token": other, "accepts": "any"})).await;
+    assert_eq!(
+        (status, body["errors"][0]["code"].as_str()),
+        (403, Some("machine-scope-missing"))
+    );
+    // A session token still verifies with accepts = "any".
+    let session = clerk.session_token("user_1");
+    let (status, body) = local_verify(&gate, json!({"token": session, "accepts": "any"})).await;
+    assert_eq!((status, body["user_id"].as_str()), (200, Some("user_1")));
+    // One verification for the key: the proxy and the local API share the verdict cache.
+    assert_eq!(get(&gate, "/keys", Some("ak_local"), &[]).await.status, 200);
+    assert_eq!(clerk.machine_calls().len(), 1);
+}
