@@ -259,6 +259,22 @@ async fn backend_api_answers_map_to_precise_refusals() {
         "the outage was not cached"
     );
     assert_eq!(upstream.count(), 1);
+    // A 429: Clerk's Retry-After pauses every further call (other keys included).
+    clerk.fail_machine(Failure::RetryAfter(30));
+    let r = get(&gate, "/keys", Some("ak_limited_1"), &[]).await;
+    assert_eq!(
+        (r.status, r.reason.as_str()),
+        (503, "machine-verify-unavailable")
+    );
+    clerk.fail_machine(Failure::None);
+    let calls = clerk.machine_calls().len();
+    let r = get(&gate, "/keys", Some("ak_limited_2"), &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        clerk.machine_calls().len(),
+        calls,
+        "paused: no call was made"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
