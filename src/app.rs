@@ -117,7 +117,7 @@ impl App {
                 TokenCache::new(config.auth.token_cache_capacity, config.auth.clock_skew_ms)
                     .with_eviction_counter(metrics.token_cache_evictions.clone()),
                 IdentityBuilder::new(&config.headers)
-                    .keep_claims(config.routes.iter().any(|r| !r.claims.is_empty())),
+                    .keep_claims(config.routes.iter().any(|r| r.needs_claims())),
                 metrics.clone(),
             )
             .with_max_token_bytes(config.auth.max_token_bytes),
@@ -182,14 +182,21 @@ impl App {
             crate::browser::Browser::new(&config, auth.clone(), sessions.clone(), api.clone());
         // One Backend API client for the session checks and the local API: Clerk's rate limit
         // is per instance, so they share its budget and any Retry-After pause.
+        let machine = Arc::new(
+            crate::auth::machine::MachineAuth::for_config(&config, &auth, metrics.clone())
+                .with_api(api.clone()),
+        );
         let local_api = match (config.local_api.serves(&config.clerk), api) {
-            (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
-                &config.local_api,
-                api,
-                auth.clone(),
-                sessions.clone(),
-                metrics.clone(),
-            ))),
+            (Ok(()), Some(api)) => Some(Arc::new(
+                LocalApi::new(
+                    &config.local_api,
+                    api,
+                    auth.clone(),
+                    sessions.clone(),
+                    metrics.clone(),
+                )
+                .with_machine(machine.clone()),
+            )),
             _ => None,
         };
         let webhooks = Arc::new(
@@ -204,7 +211,8 @@ impl App {
                 instance.cookie_suffix.as_deref(),
                 metrics.clone(),
             )?
-            .with_browser(browser),
+            .with_browser(browser)
+            .with_machine(machine.clone()),
         );
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {

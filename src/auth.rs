@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod identity;
 pub mod jwks;
+pub mod machine;
 pub mod policy;
 pub mod token;
 pub mod verify;
@@ -136,6 +137,15 @@ pub enum AuthError {
     UserRevoked,
     #[error("session state cannot be checked")]
     SessionCheckUnavailable,
+    /// A machine token Clerk reports as revoked.
+    #[error("machine token revoked")]
+    Revoked,
+    /// The Backend API refused clerkgate's own secret key (401) on a machine verification.
+    #[error("Backend API refused the secret key")]
+    SecretKeyInvalid,
+    /// An opaque machine token could not be verified now (5xx, timeout, network, budget).
+    #[error("machine token verification unavailable")]
+    MachineVerifyUnavailable,
 }
 
 impl AuthError {
@@ -162,7 +172,22 @@ impl AuthError {
             Self::SessionRevoked => AuthFailure::SessionRevoked,
             Self::UserRevoked => AuthFailure::UserRevoked,
             Self::SessionCheckUnavailable => AuthFailure::SessionCheckUnavailable,
+            Self::Revoked => AuthFailure::TokenRevoked,
+            Self::SecretKeyInvalid => AuthFailure::SecretKeyInvalid,
+            Self::MachineVerifyUnavailable => AuthFailure::MachineVerifyUnavailable,
         }
+    }
+
+    /// A failure of a dependency, not of the token: answered 503 and never hidden behind
+    /// "anonymous" on optional routes.
+    pub fn is_outage(self) -> bool {
+        matches!(
+            self,
+            Self::KeysUnavailable
+                | Self::SessionCheckUnavailable
+                | Self::SecretKeyInvalid
+                | Self::MachineVerifyUnavailable
+        )
     }
 }
 

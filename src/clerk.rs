@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod claims;
+pub mod entitlements;
 pub mod publishable_key;
 
 use serde::{Deserialize, Serialize};

@@ -37,6 +37,7 @@ pub struct Config {
     pub sessions: sessions::Config,
     pub fleet: crate::fleet::Config,
     pub local_api: local_api::Config,
+    pub machine: auth::machine::Config,
     pub log: telemetry::LogConfig,
     pub shutdown: shutdown::Config,
 }
@@ -68,6 +69,11 @@ const CLERK_VARIABLES: &[(&str, &str, ClerkVar)] = &[
         ClerkVar::Text,
     ),
     ("CLERK_JWT_KEY", "clerk.jwt_key", ClerkVar::Text),
+    (
+        "CLERK_MACHINE_SECRET_KEY",
+        "machine.machine_secret_key",
+        ClerkVar::Text,
+    ),
     ("CLERK_API_URL", "clerk.api_url", ClerkVar::Text),
     (
         "CLERK_AUTHORIZED_PARTIES",
@@ -237,6 +243,7 @@ impl Config {
         self.sessions.validate()?;
         self.fleet.validate()?;
         self.local_api.validate(self)?;
+        self.machine.validate()?;
         if self.auth.max_token_bytes > self.proxy.max_header_bytes {
             return Err(ConfigError::new(
                 "auth.max_token_bytes",
@@ -256,6 +263,15 @@ impl Config {
         }
         for (i, route) in self.routes.iter().enumerate() {
             route.validate(&format!("routes[{i}]"))?;
+            // API keys are always opaque: only the Backend API can verify them.
+            if route.accepts.accepts(auth::machine::TokenType::ApiKey)
+                && self.clerk.secret_key.is_none()
+            {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].accepts"),
+                    "api_key needs clerk.secret_key (CLERK_SECRET_KEY) to verify keys with the Backend API",
+                ));
+            }
         }
         // Port 0 asks the kernel for a free port: two of them never collide.
         if self.admin.listen == self.proxy.listen && self.proxy.listen.port() != 0 {

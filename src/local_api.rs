@@ -291,6 +291,9 @@ pub fn identity_json(identity: &Identity, token: &str) -> Value {
 #[derive(Deserialize)]
 struct VerifyRequest {
     token: String,
+    /// The token types accepted, as a route's `accepts` (default: session tokens only).
+    #[serde(default)]
+    accepts: crate::auth::machine::Accepts,
 }
 
 /// Why a cached read got no body: Clerk's non-2xx answer, or no answer.
@@ -392,10 +395,46 @@ pub struct LocalApi {
     get_retries: u32,
     max_body: usize,
     metrics: Arc<Metrics>,
+    /// API keys, M2M and OAuth tokens for `POST /v1/tokens/verify` (see [`Self::with_machine`]).
+    machine: Option<Arc<crate::auth::machine::MachineAuth>>,
 }
 
 impl LocalApi {
     /// Builds the handler and registers its caches for webhook-driven invalidation.
+    /// Machine tokens for `POST /v1/tokens/verify` with `accepts` (the proxy's verifier and
+    /// verdict cache).
+    pub fn with_machine(mut self, machine: Arc<crate::auth::machine::MachineAuth>) -> Self {
+        self.machine = Some(machine);
+        self
+    }
+
+    /// `accepts` as on a route: a type not accepted is `token-type-mismatch`; a machine token
+    /// is verified here; a session token returns `None` for the session path.
+    async fn verify_machine_token(
+        &self,
+        token: &str,
+        accepts: crate::auth::machine::Accepts,
+    ) -> Option<Reply> {
+        use crate::auth::machine::{TokenType, classify};
+        let token_type = classify(token);
+        if !accepts.accepts(token_type) {
+            return Some(Reply::token_rejected(AuthError::TypeMismatch));
+        }
+        if token_type == TokenType::SessionToken {
+            return None;
+        }
+        let Some(machine) = &self.machine else {
+            return Some(Reply::token_rejected(AuthError::MachineVerifyUnavailable));
+        };
+        Some(match machine.verify(token, token_type, now_ms()).await {
+            Ok(p) if !p.machine_scope_ok => {
+                Reply::policy_rejected(crate::auth::policy::PolicyError::MachineScopeMissing)
+            }
+            Ok(p) => Reply::ok_json(&p.to_json()),
+            Err(e) => Reply::token_rejected(e),
+        })
+    }
+
     pub fn new(
         config: &Config,
         api: Arc<BackendApi>,
@@ -441,6 +480,7 @@ impl LocalApi {
             get_retries: config.get_retries,
             max_body: config.max_body_bytes,
             metrics,
+            machine: None,
         }
     }
 
@@ -811,6 +851,11 @@ impl LocalApi {
         let token = request.token.trim();
         if token.is_empty() {
             return Reply::token_rejected(AuthError::Missing);
+        }
+        if !request.accepts.is_session_only()
+            && let Some(reply) = self.verify_machine_token(token, request.accepts).await
+        {
+            return reply;
         }
         let identity = match self.auth.authenticate(token, now_ms()).await {
             Ok(identity) => identity,

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::{Identity, IdentityBuilder};
+use crate::auth::machine::{self, MachineAuth, TokenType};
 use crate::auth::policy::{AuthMode, Policy, RouteMatch};
 use crate::auth::token::{self, Carrier, CookieNames};
 use crate::auth::{AuthError, Authenticator, SpoofPolicy, now_ms};
@@ -70,8 +71,8 @@ pub struct Config {
     pub trust_forwarded_headers: bool,
     /// Send the client's `Host` upstream (otherwise the upstream's own authority).
     pub preserve_host: bool,
-    /// Keep a client-sent `X-Request-Id` (only behind a balancer that sets it); otherwise
-    /// clerkgate sets its own on every request.
+    /// Keep a client-sent `X-Request-Id` (printable, at most 256 bytes) and log it; `false`
+    /// replaces it with clerkgate's own. Absent, clerkgate always sets one.
     pub trust_request_id: bool,
     /// PEM certificate chain for TLS on the proxy listener (with `tls_key_path`).
     pub tls_cert_path: Option<String>,
@@ -102,7 +103,7 @@ impl Default for Config {
             encoded_slashes: EncodedSlashes::Reject,
             trust_forwarded_headers: false,
             preserve_host: true,
-            trust_request_id: false,
+            trust_request_id: true,
             tls_cert_path: None,
             tls_key_path: None,
             upstream_ca_path: None,
@@ -285,6 +286,10 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Browser mode (CORS, handshake, sign-in redirects); `None` keeps [`Proxy::decide`] alone.
     browser: Option<crate::browser::Browser>,
+    /// API keys, M2M and OAuth tokens on routes whose `accepts` lists them.
+    machine: Arc<MachineAuth>,
+    /// `X-Clerk-Token-Type: session_token`, sent with every verified session.
+    session_type: (http::HeaderName, HeaderValue),
 }
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -308,19 +313,23 @@ impl RequestIds {
         }
     }
 
-    /// The client's id when trusted and sane (printable ASCII, at most 128 bytes), else a new one.
-    fn for_request(&self, headers: &http::HeaderMap) -> HeaderValue {
+    /// The request's id: the client's own when trusted and sane (printable ASCII or space, at
+    /// most 256 bytes; then the request is left as sent and `None` is returned alongside), else
+    /// a new one that the caller sets on the request.
+    fn for_request(&self, headers: &http::HeaderMap) -> (HeaderValue, bool) {
+        let sane = |v: &HeaderValue| {
+            !v.is_empty() && v.len() <= 256 && v.as_bytes().iter().all(|b| (0x20..0x7f).contains(b))
+        };
         if self.trust
-            && let Some(v) = headers.get(&X_REQUEST_ID)
-            && !v.is_empty()
-            && v.len() <= 128
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            && let Some(first) = headers.get(&X_REQUEST_ID)
+            && headers.get_all(&X_REQUEST_ID).iter().all(sane)
         {
-            return v.clone();
+            return (first.clone(), true);
         }
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        (id, false)
     }
 }
 
@@ -339,17 +348,48 @@ enum Decision {
     Reject(Rejection),
 }
 
-/// A verified request: the (cached) identity and the claims header of this very token.
-struct Allowed {
-    identity: Arc<Identity>,
-    claims: Option<(http::HeaderName, HeaderValue)>,
+/// A verified request: the (cached) identity and the claims header of this very token, or a
+/// verified machine token.
+enum Allowed {
+    Session {
+        identity: Arc<Identity>,
+        claims: Option<(http::HeaderName, HeaderValue)>,
+    },
+    Machine(Arc<machine::Principal>),
 }
 
 impl Allowed {
-    fn insert_headers(&self, builder: &IdentityBuilder, h: &mut http::HeaderMap) {
-        self.identity.insert_headers(builder, h);
-        if let Some((name, value)) = &self.claims {
-            h.insert(name.clone(), value.clone());
+    fn insert_headers(
+        &self,
+        builder: &IdentityBuilder,
+        session_type: &(http::HeaderName, HeaderValue),
+        h: &mut http::HeaderMap,
+    ) {
+        match self {
+            Self::Session { identity, claims } => {
+                identity.insert_headers(builder, h);
+                h.insert(session_type.0.clone(), session_type.1.clone());
+                if let Some((name, value)) = claims {
+                    h.insert(name.clone(), value.clone());
+                }
+            }
+            Self::Machine(principal) => principal.insert_headers(h),
+        }
+    }
+
+    /// The verified session, when it is one.
+    fn session(&self) -> Option<&Arc<Identity>> {
+        match self {
+            Self::Session { identity, .. } => Some(identity),
+            Self::Machine(_) => None,
+        }
+    }
+
+    /// Who, for the debug log.
+    fn subject(&self) -> &str {
+        match self {
+            Self::Session { identity, .. } => identity.user_id(),
+            Self::Machine(principal) => &principal.subject,
         }
     }
 }
@@ -385,6 +425,8 @@ impl Proxy {
             Duration::from_secs(p.pool_idle_timeout_seconds),
         )
         .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
+        // Without a Backend API client until `with_machine` (opaque tokens are then 503).
+        let machine = Arc::new(MachineAuth::for_config(config, &auth, metrics.clone()));
         Ok(Self {
             reserved: auth.builder.reserved().to_vec(),
             strip_request: config
@@ -417,6 +459,13 @@ impl Proxy {
             request_ids: RequestIds::new(p.trust_request_id),
             access_log: config.log.access,
             access_user_id: config.log.access_user_id,
+            machine,
+            session_type: (
+                machine::HeaderNames::new(&config.headers)
+                    .token_type()
+                    .clone(),
+                HeaderValue::from_static("session_token"),
+            ),
             metrics,
             browser: None,
         })
@@ -428,6 +477,13 @@ impl Proxy {
         self
     }
 
+    /// The machine-token verifier (with the Backend API client shared with the session checks
+    /// and the local API: one budget, one `Retry-After` pause, one verdict cache).
+    pub fn with_machine(mut self, machine: Arc<MachineAuth>) -> Self {
+        self.machine = machine;
+        self
+    }
+
     /// Handles one request from a client.
     pub async fn handle_request(
         &self,
@@ -436,9 +492,11 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         // One id per request, sent upstream and back to the client (and in the access line).
-        let request_id = self.request_ids.for_request(req.headers());
-        req.headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        let (request_id, kept) = self.request_ids.for_request(req.headers());
+        if !kept {
+            req.headers_mut()
+                .insert(X_REQUEST_ID.clone(), request_id.clone());
+        }
         // Logged without the query string, which may carry secrets.
         let access =
             self.access_log && tracing::enabled!(target: "clerkgate::access", tracing::Level::INFO);
@@ -541,7 +599,13 @@ impl Proxy {
             return Decision::Allow(None);
         }
         let optional = route.auth == AuthMode::Optional;
-        let found = match token::extract(headers, &self.cookies, self.accept_cookie) {
+        let extracted = token::extract(headers, &self.cookies, self.accept_cookie);
+        if !route.accepts.is_session_only()
+            && let Some(decision) = self.decide_machine(&extracted, route, optional).await
+        {
+            return decision;
+        }
+        let found = match extracted {
             Ok(Some(found)) => found,
             Ok(None) if optional => return Decision::Allow(None),
             Ok(None) => return Decision::Reject(Rejection::Auth(AuthError::Missing)),
@@ -570,9 +634,7 @@ impl Proxy {
         let identity = match result {
             Ok(identity) => identity,
             // An outage is never hidden behind "anonymous".
-            Err(e @ (AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)) => {
-                return Decision::Reject(Rejection::Auth(e));
-            }
+            Err(e) if e.is_outage() => return Decision::Reject(Rejection::Auth(e)),
             Err(e) if optional => {
                 self.metrics.auth_failures.inc(e.failure());
                 return Decision::Allow(None);
@@ -580,12 +642,54 @@ impl Proxy {
             Err(e) => return Decision::Reject(Rejection::Auth(e)),
         };
         match route.authorize(&identity) {
-            Ok(()) => Decision::Allow(Some(Allowed {
+            Ok(()) => Decision::Allow(Some(Allowed::Session {
                 claims: self.auth.builder.claims_header(found.token),
                 identity,
             })),
             Err(e) => Decision::Reject(Rejection::Policy(e)),
         }
+    }
+
+    /// `accepts` as `authenticateRequest` applies `acceptsToken` (a list or `any`): a header
+    /// token of a type not listed (no header token counts as a session token) is
+    /// `token-type-mismatch` before any verification; a machine token is verified here; a
+    /// session token (header or cookie) returns `None`, for the session path.
+    async fn decide_machine(
+        &self,
+        extracted: &Result<Option<token::Found<'_>>, AuthError>,
+        route: &RouteMatch<'_>,
+        optional: bool,
+    ) -> Option<Decision> {
+        let header_token = match extracted {
+            Ok(Some(found)) if found.carrier == Carrier::Header => Some(found.token),
+            Ok(Some(_)) => None,
+            Ok(None) if optional => return Some(Decision::Allow(None)),
+            Ok(None) => None,
+            // Two `Authorization` headers: the session path refuses them.
+            Err(_) => return None,
+        };
+        let refuse = |e: AuthError| {
+            if optional && !e.is_outage() {
+                self.metrics.auth_failures.inc(e.failure());
+                Decision::Allow(None)
+            } else {
+                Decision::Reject(Rejection::Auth(e))
+            }
+        };
+        let token_type = header_token.map_or(TokenType::SessionToken, machine::classify);
+        if !route.accepts.accepts(token_type) {
+            return Some(refuse(AuthError::TypeMismatch));
+        }
+        let token = header_token.filter(|_| token_type != TokenType::SessionToken)?;
+        Some(
+            match self.machine.verify(token, token_type, now_ms()).await {
+                Ok(principal) => match route.authorize_machine(&principal) {
+                    Ok(()) => Decision::Allow(Some(Allowed::Machine(principal))),
+                    Err(e) => Decision::Reject(Rejection::Policy(e)),
+                },
+                Err(e) => refuse(e),
+            },
+        )
     }
 
     async fn proxy(
@@ -666,8 +770,8 @@ impl Proxy {
         }
         let outcome = match &identity {
             Some(allowed) => {
-                allowed.insert_headers(&self.auth.builder, h);
-                tracing::debug!(user = %allowed.identity.user_id(), "authenticated");
+                allowed.insert_headers(&self.auth.builder, &self.session_type, h);
+                tracing::debug!(subject = %allowed.subject(), "authenticated");
                 Outcome::Forwarded
             }
             None => browser_outcome.unwrap_or(Outcome::Anonymous),
@@ -700,10 +804,10 @@ impl Proxy {
         if self.access_log {
             resp.extensions_mut().insert(UpstreamTime(upstream_time));
             if self.access_user_id
-                && let Some(allowed) = &identity
+                && let Some(session) = identity.as_ref().and_then(Allowed::session)
             {
                 resp.extensions_mut()
-                    .insert(AccessUser(allowed.identity.user_id().into()));
+                    .insert(AccessUser(session.user_id().into()));
             }
         }
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -722,12 +826,11 @@ impl Proxy {
             // the tunnel and is dropped, not released, when it ends).
             // A tunnel of a signed-in session is closed when the session or its user is
             // revoked, on this replica or any other of the fleet.
-            let revoked = identity.as_ref().map(|allowed| {
-                self.sessions
-                    .store()
-                    .open_streams()
-                    .register(&allowed.identity)
-            });
+            // (Machine tokens have no session to revoke.)
+            let revoked = identity
+                .as_ref()
+                .and_then(Allowed::session)
+                .map(|session| self.sessions.store().open_streams().register(session));
             tokio::spawn(tunnel(
                 client_upgrade,
                 upstream_upgrade,
@@ -852,7 +955,7 @@ impl Proxy {
                 let h = resp.headers_mut();
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(&self.auth.builder, h);
+                    allowed.insert_headers(&self.auth.builder, &self.session_type, h);
                 }
                 // The token reaches the app only with `auth.forward_token`: the answer carries
                 // what the app may see of `Authorization` and `Cookie`, and the ingress sets

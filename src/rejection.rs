@@ -43,9 +43,10 @@ impl Rejection {
     pub fn status(self) -> StatusCode {
         match self {
             Self::Auth(e) => match e {
-                AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                AuthError::KeysUnavailable
+                | AuthError::SessionCheckUnavailable
+                | AuthError::SecretKeyInvalid
+                | AuthError::MachineVerifyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
                 AuthError::Missing
                 | AuthError::Invalid
                 | AuthError::TooLarge
@@ -63,7 +64,8 @@ impl Rejection {
                 | AuthError::NoClientUat
                 | AuthError::IatBeforeClientUat
                 | AuthError::SessionRevoked
-                | AuthError::UserRevoked => StatusCode::UNAUTHORIZED,
+                | AuthError::UserRevoked
+                | AuthError::Revoked => StatusCode::UNAUTHORIZED,
             },
             Self::Policy(_) => StatusCode::FORBIDDEN,
             Self::Path(_)
@@ -109,8 +111,8 @@ impl Rejection {
 
     pub fn outcome(self) -> Outcome {
         match self {
-            Self::Auth(AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)
-            | Self::Draining => Outcome::Unavailable,
+            Self::Auth(e) if e.is_outage() => Outcome::Unavailable,
+            Self::Draining => Outcome::Unavailable,
             Self::Auth(_) => Outcome::Unauthorized,
             Self::Policy(_) => Outcome::Forbidden,
             Self::Path(_)
@@ -139,11 +141,16 @@ impl Rejection {
     /// The response for a client. 401s carry `WWW-Authenticate` per RFC 6750 section 3: without
     /// an error code when no token was sent (3.1), `invalid_token` otherwise.
     pub fn response(self) -> Response<Full<Bytes>> {
-        let body = format!(
-            "{{\"error\":\"{}\",\"reason\":\"{}\"}}\n",
-            self.error_word(),
-            self.reason()
-        );
+        let body = match self {
+            // Clerk's own body, which clerk-js `useReverification()` recognises to prompt the
+            // user and retry.
+            Self::Policy(PolicyError::Reverification(r)) => r.error_body(),
+            _ => format!(
+                "{{\"error\":\"{}\",\"reason\":\"{}\"}}\n",
+                self.error_word(),
+                self.reason()
+            ),
+        };
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
@@ -159,8 +166,10 @@ impl Rejection {
                     HeaderValue::from_static("Bearer realm=\"clerkgate\""),
                 );
             }
-            Self::Auth(AuthError::KeysUnavailable | AuthError::SessionCheckUnavailable)
-            | Self::Draining => {
+            Self::Auth(e) if e.is_outage() => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::Draining => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::Auth(_) => {

@@ -192,6 +192,9 @@ label_enum! {
         SessionsVerify => "sessions_verify",
         ClientsHandshakePayload => "clients_handshake_payload",
         SessionsRefresh => "sessions_refresh",
+        ApiKeysVerify => "api_keys_verify",
+        M2mTokensVerify => "m2m_tokens_verify",
+        OauthTokensVerify => "oauth_access_tokens_verify",
     }
 }
 
@@ -285,6 +288,32 @@ label_enum! {
         SessionRevoked => "session-revoked",
         UserRevoked => "user-revoked",
         SessionCheckUnavailable => "session-check-unavailable",
+        TokenRevoked => "token-revoked",
+        SecretKeyInvalid => "secret-key-invalid",
+        MachineVerifyUnavailable => "machine-verify-unavailable",
+    }
+}
+
+label_enum! {
+    /// The token types Clerk's SDK distinguishes (`TokenType`), for machine metrics.
+    pub enum MachineTokenLabel {
+        ApiKey => "api_key",
+        M2mToken => "m2m_token",
+        OauthToken => "oauth_token",
+    }
+}
+
+label_enum! {
+    /// Result of one machine-token verification.
+    pub enum MachineResult {
+        Ok => "ok",
+        /// Answered from the verification cache (or by joining an identical call in flight).
+        CacheHit => "cache_hit",
+        Invalid => "invalid",
+        Revoked => "revoked",
+        Expired => "expired",
+        MachineScopeMissing => "machine_scope_missing",
+        Unavailable => "unavailable",
     }
 }
 
@@ -338,6 +367,8 @@ pub struct Metrics {
     pub fleet_events: LabeledCounter2<FleetDirection, FleetEventKind>,
     pub fleet_propagation: Histogram,
     pub upstream_duration: Histogram,
+    pub machine_verifications: LabeledCounter2<MachineTokenLabel, MachineResult>,
+    pub machine_cache_entries: IntGauge,
 }
 
 label_enum! {
@@ -535,6 +566,16 @@ impl Metrics {
             ),
             fleet_propagation,
             upstream_duration,
+            machine_verifications: LabeledCounter2::register(
+                &registry,
+                "clerkgate_machine_verifications_total",
+                "Machine-token verifications (API keys, M2M and OAuth tokens), by type and result.",
+                ["type", "result"],
+            ),
+            machine_cache_entries: int_gauge(
+                "clerkgate_machine_cache_entries",
+                "Opaque machine-token verdicts cached (passes and refusals).",
+            ),
             registry,
         }
     }

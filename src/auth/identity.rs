@@ -39,6 +39,24 @@ pub struct HeadersConfig {
     pub actor_id: String,
     /// Header carrying the whole verified payload as base64url JSON.
     pub claims_header: String,
+    /// The token type (`session_token`, `api_key`, `m2m_token`, `oauth_token`).
+    pub token_type: String,
+    /// The machine (`mch_…`) of an M2M token, or of an API key a machine owns.
+    pub machine_id: String,
+    /// The OAuth application (`client_id`) of an OAuth access token.
+    pub client_id: String,
+    /// The machine token's id (`ak_…`, `mt_…`, `oat_…`, or the JWT's `jti`).
+    pub token_id: String,
+    /// A machine token's scopes, comma-joined.
+    pub scopes: String,
+    /// An API key's name.
+    pub token_name: String,
+    /// A session token's active plans (the `pla` claim, verbatim).
+    pub plans: String,
+    /// A session token's features (the `fea` claim, verbatim).
+    pub features: String,
+    /// A session token's factor verification ages (the `fva` claim, as `first,second`).
+    pub factor_age: String,
     /// Send `claims_header` at all.
     pub forward_claims: bool,
     /// More header names treated as reserved (stripped from clients like the ones above).
@@ -82,6 +100,15 @@ impl Default for HeadersConfig {
             org_permissions: "X-Org-Permissions".into(),
             actor_id: "X-Actor-Id".into(),
             claims_header: "X-Clerk-Claims".into(),
+            token_type: "X-Clerk-Token-Type".into(),
+            machine_id: "X-Clerk-Machine-Id".into(),
+            client_id: "X-Clerk-Client-Id".into(),
+            token_id: "X-Clerk-Token-Id".into(),
+            scopes: "X-Clerk-Scopes".into(),
+            token_name: "X-Clerk-Token-Name".into(),
+            plans: "X-Clerk-Plans".into(),
+            features: "X-Clerk-Features".into(),
+            factor_age: "X-Clerk-Factor-Age".into(),
             forward_claims: true,
             reserved: Vec::new(),
             claims: BTreeMap::new(),
@@ -114,8 +141,17 @@ const FORBIDDEN_NAMES: &[&str] = &[
 ];
 
 impl HeadersConfig {
-    fn named(&self) -> [(&'static str, &String); 8] {
+    fn named(&self) -> [(&'static str, &String); 17] {
         [
+            ("headers.token_type", &self.token_type),
+            ("headers.machine_id", &self.machine_id),
+            ("headers.client_id", &self.client_id),
+            ("headers.token_id", &self.token_id),
+            ("headers.scopes", &self.scopes),
+            ("headers.token_name", &self.token_name),
+            ("headers.plans", &self.plans),
+            ("headers.features", &self.features),
+            ("headers.factor_age", &self.factor_age),
             ("headers.user_id", &self.user_id),
             ("headers.session_id", &self.session_id),
             ("headers.org_id", &self.org_id),
@@ -358,7 +394,7 @@ impl Identity {
             headerable,
             iat: parts.iat,
             exp_ms: parts.exp_ms,
-            extra: (!mapped.is_empty() || parts.claims.is_some()).then(|| {
+            extra: (mapped.iter().any(|s| s.is_present()) || parts.claims.is_some()).then(|| {
                 Box::new(Extra {
                     mapped,
                     claims: parts.claims,
@@ -517,11 +553,21 @@ impl IdentityBuilder {
             claims_header: config
                 .forward_claims
                 .then(|| header_name(&config.claims_header)),
-            claim_headers: config
-                .claims
-                .iter()
-                .map(|(path, name)| (path.clone(), header_name(name)))
-                .collect(),
+            // The entitlement claims travel like `[headers.claims]` mappings, first.
+            claim_headers: [
+                ("pla", &config.plans),
+                ("fea", &config.features),
+                ("fva", &config.factor_age),
+            ]
+            .into_iter()
+            .map(|(path, name)| (path.to_owned(), header_name(name)))
+            .chain(
+                config
+                    .claims
+                    .iter()
+                    .map(|(path, name)| (path.clone(), header_name(name))),
+            )
+            .collect(),
             reserved,
             keep_claims: true,
         }

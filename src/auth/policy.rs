@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::identity::Identity;
+use super::machine::{Accepts, Principal};
+use crate::clerk::entitlements::{self, Reverification};
 use crate::config::ConfigError;
 
 /// Whether a route needs a session.
@@ -48,6 +50,16 @@ pub struct RouteConfig {
     pub org_id: Option<String>,
     /// Claim path to the exact JSON value it must hold.
     pub claims: BTreeMap<String, Value>,
+    /// The token types taken (`acceptsToken`): a list, or `"any"`. Default `["session_token"]`.
+    pub accepts: Accepts,
+    /// Machine tokens: every listed scope must be present.
+    pub scopes: Vec<String>,
+    /// Session tokens: any of these plans (`has({ plan })`).
+    pub plans: Vec<String>,
+    /// Session tokens: all of these features (`has({ feature })`).
+    pub features: Vec<String>,
+    /// Session tokens: a recent enough factor verification (`has({ reverification })`).
+    pub reverification: Option<Reverification>,
 }
 
 impl RouteConfig {
@@ -80,7 +92,37 @@ impl RouteConfig {
         let has_requirements = self.org_role.is_some()
             || !self.org_permissions.is_empty()
             || self.org_id.is_some()
-            || !self.claims.is_empty();
+            || !self.claims.is_empty()
+            || !self.scopes.is_empty()
+            || self.has_entitlements();
+        if self.accepts.is_empty() {
+            return Err(ConfigError::new(
+                format!("{key}.accepts"),
+                "must list at least one token type (or be \"any\")",
+            ));
+        }
+        for (field, values) in [("plans", &self.plans), ("features", &self.features)] {
+            for (i, v) in values.iter().enumerate() {
+                if v.is_empty() || v.contains(',') {
+                    return Err(ConfigError::new(
+                        format!("{key}.{field}[{i}]"),
+                        "must be a non-empty name without commas",
+                    ));
+                }
+                if let Some(scope) = entitlements::invalid_scope(v) {
+                    return Err(ConfigError::new(
+                        format!("{key}.{field}[{i}]"),
+                        format!("unknown scope {scope:?} (o, org, organization, u or user)"),
+                    ));
+                }
+            }
+        }
+        if self.scopes.iter().any(String::is_empty) {
+            return Err(ConfigError::new(
+                format!("{key}.scopes"),
+                "scopes must not be empty strings",
+            ));
+        }
         if has_requirements && self.auth != AuthMode::Required {
             return Err(ConfigError::new(
                 format!("{key}.auth"),
@@ -89,6 +131,29 @@ impl RouteConfig {
         }
         Ok(())
     }
+
+    /// Plan, feature or reverification rules, which read the `pla`, `fea` and `fva` claims.
+    pub fn has_entitlements(&self) -> bool {
+        !self.plans.is_empty() || !self.features.is_empty() || self.reverification.is_some()
+    }
+
+    /// Whether verified identities must keep their decoded claims for this rule.
+    pub fn needs_claims(&self) -> bool {
+        !self.claims.is_empty() || self.has_entitlements()
+    }
+}
+
+/// `value` without any leading run of `org:`.
+fn strip_org(mut value: &str) -> &str {
+    while let Some(rest) = value.strip_prefix("org:") {
+        value = rest;
+    }
+    value
+}
+
+/// The SDK's `prefixWithOrg`: `value.replace(/^(org:)*/, "org:")`.
+fn prefix_with_org(value: &str) -> String {
+    format!("org:{}", strip_org(value))
 }
 
 /// Why a verified session may not use a route (403).
@@ -104,6 +169,17 @@ pub enum PolicyError {
     OrgId,
     #[error("claim requirement not met")]
     Claim,
+    #[error("none of the route's plans")]
+    PlanMissing,
+    #[error("a feature of the route is missing")]
+    FeatureMissing,
+    #[error("a scope of the route is missing")]
+    ScopeMissing,
+    #[error("M2M token not issued to this machine")]
+    MachineScopeMissing,
+    /// Answered with Clerk's reverification body, which clerk-js acts on.
+    #[error("reverification needed")]
+    Reverification(Reverification),
 }
 
 impl PolicyError {
@@ -114,6 +190,11 @@ impl PolicyError {
             Self::OrgPermission => "org-permission-missing",
             Self::OrgId => "org-id-mismatch",
             Self::Claim => "claim-mismatch",
+            Self::PlanMissing => "plan-missing",
+            Self::FeatureMissing => "feature-missing",
+            Self::ScopeMissing => "scope-missing",
+            Self::MachineScopeMissing => "machine-scope-missing",
+            Self::Reverification(_) => "reverification-error",
         }
     }
 }
@@ -163,6 +244,11 @@ pub struct Route {
     org_permissions: Vec<String>,
     org_id: Option<String>,
     claims: Vec<(String, Value)>,
+    accepts: Accepts,
+    scopes: Vec<String>,
+    plans: Vec<String>,
+    features: Vec<String>,
+    reverification: Option<Reverification>,
 }
 
 impl Route {
@@ -183,21 +269,57 @@ impl Route {
             pattern,
             methods,
             auth: c.auth,
-            org_role: c.org_role.as_ref().map(|r| {
-                if r.starts_with("org:") {
-                    r.clone()
-                } else {
-                    format!("org:{r}")
-                }
-            }),
-            org_permissions: c.org_permissions.clone(),
+            // `prefixWithOrg` of the SDK: any run of `org:` prefixes becomes exactly one.
+            org_role: c.org_role.as_deref().map(prefix_with_org),
+            org_permissions: c
+                .org_permissions
+                .iter()
+                .map(|p| prefix_with_org(p))
+                .collect(),
             org_id: c.org_id.clone(),
             claims: c
                 .claims
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            accepts: c.accepts,
+            scopes: c.scopes.clone(),
+            plans: c.plans.clone(),
+            features: c.features.clone(),
+            reverification: c.reverification,
         }
+    }
+
+    /// The session-only requirements, in the order a session is checked; a machine token
+    /// fails the first one present (its `has()` is always false).
+    fn session_requirement(&self) -> Option<PolicyError> {
+        if self.org_role.is_some() || !self.org_permissions.is_empty() || self.org_id.is_some() {
+            Some(PolicyError::NoActiveOrg)
+        } else if !self.claims.is_empty() {
+            Some(PolicyError::Claim)
+        } else if !self.plans.is_empty() {
+            Some(PolicyError::PlanMissing)
+        } else if !self.features.is_empty() {
+            Some(PolicyError::FeatureMissing)
+        } else {
+            self.reverification.map(PolicyError::Reverification)
+        }
+    }
+
+    /// Checks the route's requirements against a verified machine token: its scopes; and a
+    /// route with session requirements (organization, claims, plans, features,
+    /// reverification) is never passed by a machine token.
+    pub fn authorize_machine(&self, principal: &Principal) -> Result<(), PolicyError> {
+        if !principal.machine_scope_ok {
+            return Err(PolicyError::MachineScopeMissing);
+        }
+        if let Some(e) = self.session_requirement() {
+            return Err(e);
+        }
+        if !principal.has_scopes(&self.scopes) {
+            return Err(PolicyError::ScopeMissing);
+        }
+        Ok(())
     }
 
     /// Checks the route's requirements against a verified identity.
@@ -211,8 +333,10 @@ impl Route {
             {
                 return Err(PolicyError::OrgId);
             }
+            // Compared as the SDK does, `org:` prefixes normalised on both sides (v1 tokens may
+            // carry the role without its prefix).
             if let Some(role) = &self.org_role
-                && org.role != Some(role.as_str())
+                && org.role.map(strip_org) != Some(strip_org(role))
             {
                 return Err(PolicyError::OrgRole);
             }
@@ -224,6 +348,27 @@ impl Route {
             if identity.claim(path) != Some(want) {
                 return Err(PolicyError::Claim);
             }
+        }
+        // `has()` on the v2 claims: any of the plans, all of the features, then freshness.
+        if !self.plans.is_empty()
+            && !self
+                .plans
+                .iter()
+                .any(|p| entitlements::has_scoped(identity.claim("pla"), p))
+        {
+            return Err(PolicyError::PlanMissing);
+        }
+        if !self
+            .features
+            .iter()
+            .all(|f| entitlements::has_scoped(identity.claim("fea"), f))
+        {
+            return Err(PolicyError::FeatureMissing);
+        }
+        if let Some(r) = self.reverification
+            && !r.satisfied_by(identity.claim("fva"))
+        {
+            return Err(PolicyError::Reverification(r));
         }
         Ok(())
     }
@@ -246,6 +391,8 @@ pub struct Policy {
 /// the strictest auth mode, and the requirements of both.
 pub struct RouteMatch<'a> {
     pub auth: AuthMode,
+    /// The token types both matching rules accept.
+    pub accepts: Accepts,
     exact: &'a Route,
     folded: Option<&'a Route>,
 }
@@ -255,6 +402,15 @@ impl RouteMatch<'_> {
         self.exact.authorize(identity)?;
         match self.folded {
             Some(r) => r.authorize(identity),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Route::authorize_machine`] on both matching rules.
+    pub fn authorize_machine(&self, principal: &Principal) -> Result<(), PolicyError> {
+        self.exact.authorize_machine(principal)?;
+        match self.folded {
+            Some(r) => r.authorize_machine(principal),
             None => Ok(()),
         }
     }
@@ -314,6 +470,10 @@ impl Policy {
         };
         RouteMatch {
             auth,
+            accepts: match folded {
+                Some(f) => exact.accepts.intersect(f.accepts),
+                None => exact.accepts,
+            },
             exact,
             folded,
         }
@@ -470,6 +630,29 @@ mod tests {
             mode("get"),
             AuthMode::Optional,
             "methods are case-sensitive"
+        );
+    }
+
+    #[test]
+    fn org_prefixes_are_normalised_like_prefix_with_org() {
+        let p = policy(
+            r#"
+            [[routes]]
+            path = "/a/**"
+            org_role = "org:org:admin"
+            org_permissions = ["dashboard:read"]
+            "#,
+        );
+        // A v1 token may carry the role without its prefix; the SDK compares both prefixed.
+        let org = Org {
+            id: "org_1".into(),
+            slug: None,
+            role: Some("admin".into()),
+            permissions: vec!["org:dashboard:read".into()],
+        };
+        assert_eq!(
+            p.route("/a").authorize(&identity(Some(org), json!({}))),
+            Ok(())
         );
     }
 

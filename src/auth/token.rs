@@ -219,6 +219,8 @@ pub struct Header {
 #[derive(Debug)]
 pub struct Parsed<'t> {
     pub header: Header,
+    /// The whole protected header, for the machine-token rules (`typ`, `cat`).
+    pub raw_header: Map<String, Value>,
     signing_input: &'t str,
     payload_segment: &'t str,
     pub signature: Vec<u8>,
@@ -246,21 +248,20 @@ impl<'t> Parsed<'t> {
 
 /// Structural checks, in the SDK's order, before any key lookup.
 pub fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(AuthError::Invalid);
-    };
-    let header_json = B64URL.decode(h).map_err(|_| AuthError::Invalid)?;
-    let header: Map<String, Value> =
-        serde_json::from_slice(&header_json).map_err(|_| AuthError::Invalid)?;
-    let payload_json = B64URL.decode(p).map_err(|_| AuthError::Invalid)?;
-    let payload: Map<String, Value> =
-        serde_json::from_slice(&payload_json).map_err(|_| AuthError::Invalid)?;
-    let signature = B64URL.decode(s).map_err(|_| AuthError::Invalid)?;
+    parse_with(token, check_session_type)
+}
 
-    // Machine and OAuth tokens presented as session tokens (Clerk PR #9168).
+/// The structural checks without the session-token type rules, for machine JWTs (M2M and
+/// OAuth access tokens, whose `typ` and `cat` rules are checked by [`super::machine`]).
+pub fn parse_machine(token: &str) -> Result<Parsed<'_>, AuthError> {
+    parse_with(token, |_, _| Ok(()))
+}
+
+/// Machine and OAuth tokens presented as session tokens (Clerk PR #9168).
+fn check_session_type(
+    header: &Map<String, Value>,
+    payload: &Map<String, Value>,
+) -> Result<(), AuthError> {
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" => {}
@@ -283,6 +284,28 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
         Some(Value::String(c)) if c == CAT_SESSION || c == CAT_IGNORE => {}
         Some(_) => return Err(AuthError::TypeMismatch),
     }
+    Ok(())
+}
+
+fn parse_with(
+    token: &str,
+    type_rules: impl Fn(&Map<String, Value>, &Map<String, Value>) -> Result<(), AuthError>,
+) -> Result<Parsed<'_>, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Invalid);
+    };
+    let header_json = B64URL.decode(h).map_err(|_| AuthError::Invalid)?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&header_json).map_err(|_| AuthError::Invalid)?;
+    let payload_json = B64URL.decode(p).map_err(|_| AuthError::Invalid)?;
+    let payload: Map<String, Value> =
+        serde_json::from_slice(&payload_json).map_err(|_| AuthError::Invalid)?;
+    let signature = B64URL.decode(s).map_err(|_| AuthError::Invalid)?;
+
+    type_rules(&header, &payload)?;
     let alg = header
         .get("alg")
         .and_then(Value::as_str)
@@ -298,6 +321,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
     };
     Ok(Parsed {
         header: Header { alg, kid },
+        raw_header: header,
         signing_input: &token[..h.len() + 1 + p.len()],
         payload_segment: p,
         signature,

@@ -362,6 +362,16 @@ impl BackendApi {
     /// Sends `call`, retrying a `GET` up to `call.retries` times. Every attempt takes from the
     /// budget and is counted in `clerkgate_clerk_api_requests_total`.
     pub async fn call(&self, call: Call<'_>) -> Result<Answer, CallError> {
+        self.call_as(call, None).await
+    }
+
+    /// [`Self::call`] with another bearer than the instance secret key (a machine secret key
+    /// for `POST /m2m_tokens/verify`); the budget and any `Retry-After` pause are still shared.
+    pub async fn call_as(
+        &self,
+        call: Call<'_>,
+        bearer: Option<&Secret>,
+    ) -> Result<Answer, CallError> {
         let retries = if call.method == reqwest::Method::GET {
             call.retries
         } else {
@@ -369,7 +379,7 @@ impl BackendApi {
         };
         let mut attempt = 0;
         loop {
-            let result = self.attempt(&call).await;
+            let result = self.attempt(&call, bearer).await;
             let label = match &result {
                 Ok(answer) => answer.result(),
                 Err(e) => e.result(),
@@ -387,14 +397,14 @@ impl BackendApi {
         }
     }
 
-    async fn attempt(&self, call: &Call<'_>) -> Result<Answer, CallError> {
+    async fn attempt(&self, call: &Call<'_>, bearer: Option<&Secret>) -> Result<Answer, CallError> {
         self.budget.take()?;
         let mut url = self.base.join(call.path).map_err(|_| CallError::Invalid)?;
         url.set_query(call.query.filter(|q| !q.is_empty()));
         let mut req = self
             .http
             .request(call.method.clone(), url)
-            .bearer_auth(self.secret.expose())
+            .bearer_auth(bearer.unwrap_or(&self.secret).expose())
             .header("Clerk-API-Version", call.api_version.unwrap_or(API_VERSION))
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(timeout) = call.timeout {

@@ -338,6 +338,20 @@ impl Reply {
 
     /// A token `POST /v1/tokens/verify` did not accept: the status the proxy would answer
     /// (401, or 503 when keys or session state are unavailable) and Clerk's reason code.
+    /// A verified token the request may not use (`403`, the route reason code).
+    pub fn policy_rejected(e: crate::auth::policy::PolicyError) -> Reply {
+        let message = e.to_string();
+        let body = errors_body(
+            e.as_label(),
+            &message,
+            &format!("The token was verified but is not accepted: {message}."),
+        );
+        Reply {
+            response: respond(StatusCode::FORBIDDEN, body),
+            result: LocalApiResult::TokenInvalid,
+        }
+    }
+
     pub fn token_rejected(e: AuthError) -> Reply {
         let status = Rejection::Auth(e).status();
         let message = e.to_string();

@@ -165,6 +165,28 @@ impl Proxy {
                 }
             };
         }
+        // On a route that accepts machine tokens, an `Authorization` token (machine or not) is
+        // judged by `decide`, as `authenticateRequest` does with `acceptsToken` (a type the
+        // route does not list is `token-type-mismatch`); browser mode keeps the cookies.
+        // A route that takes no session tokens at all never reads cookies either.
+        if !route.accepts.is_session_only()
+            && (!route
+                .accepts
+                .accepts(crate::auth::machine::TokenType::SessionToken)
+                || matches!(
+                    crate::auth::token::extract(&parts.headers, &self.cookies, false),
+                    Ok(Some(_)) | Err(_)
+                ))
+        {
+            return match self.decide(&parts.headers, route).await {
+                Decision::Allow(a) => Ok((a, extra, None)),
+                Decision::Reject(r) => {
+                    let (mut resp, outcome) = self.reject(r);
+                    extra.apply(resp.headers_mut());
+                    Err((resp, outcome))
+                }
+            };
+        }
         let verdict = b.authenticate(parts, tls).await;
         match verdict {
             Verdict::SignedIn {
@@ -178,7 +200,7 @@ impl Proxy {
                 drop(token);
                 extra.strip_handshake_params = strip_handshake_params;
                 match route.authorize(&identity) {
-                    Ok(()) => Ok((Some(Allowed { identity, claims }), extra, None)),
+                    Ok(()) => Ok((Some(Allowed::Session { identity, claims }), extra, None)),
                     Err(e) => {
                         let (mut resp, outcome) = self.reject(Rejection::Policy(e));
                         extra.apply(resp.headers_mut());

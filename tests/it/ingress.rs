@@ -537,6 +537,7 @@ async fn exercise(proxy_name: &str, proxy: SocketAddr, w: &World) {
             ("x-user-id", "user_1".into()),
             ("x-session-id", str_claim(&claims, "sid")),
             ("x-clerk-claims", payload),
+            ("x-clerk-token-type", "session_token".into()),
         ],
     )
     .await;
@@ -566,6 +567,7 @@ async fn exercise(proxy_name: &str, proxy: SocketAddr, w: &World) {
             ("x-org-slug", "acme".into()),
             ("x-actor-id", "user_support".into()),
             ("x-clerk-claims", payload),
+            ("x-clerk-token-type", "session_token".into()),
         ],
     )
     .await;
@@ -590,6 +592,7 @@ async fn exercise(proxy_name: &str, proxy: SocketAddr, w: &World) {
             ("x-user-id", "user_big".into()),
             ("x-session-id", str_claim(&claims, "sid")),
             ("x-clerk-claims", payload),
+            ("x-clerk-token-type", "session_token".into()),
         ],
     )
     .await;
@@ -717,7 +720,7 @@ async fn exercise_forward_token(proxy_name: &str, proxy: SocketAddr, w: &World) 
         Some(&vec!["user_1".to_owned()]),
         "{proxy_name}"
     );
-    assert_eq!(got.len(), 3, "{proxy_name}: {got:?}");
+    assert_eq!(got.len(), 4, "{proxy_name}: {got:?}");
     assert_eq!(
         seen.headers.get("authorization").map(|v| v.as_bytes()),
         Some(format!("Bearer {token}").as_bytes()),
@@ -819,6 +822,15 @@ async fn forward_auth_answer_lists_every_managed_header_it_does_not_carry() {
         "x-org-permissions",
         "x-actor-id",
         "x-clerk-claims",
+        "x-clerk-token-type",
+        "x-clerk-machine-id",
+        "x-clerk-client-id",
+        "x-clerk-token-id",
+        "x-clerk-scopes",
+        "x-clerk-token-name",
+        "x-clerk-plans",
+        "x-clerk-features",
+        "x-clerk-factor-age",
         "x-plan",
         "x-tenant",
         "authorization",
@@ -868,6 +880,7 @@ async fn forward_auth_answer_lists_every_managed_header_it_does_not_carry() {
         "x-user-id",
         "x-session-id",
         "x-clerk-claims",
+        "x-clerk-token-type",
         "x-plan",
         "cookie",
     ];

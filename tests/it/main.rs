@@ -3,6 +3,7 @@ mod fleet;
 mod ingress;
 mod keys;
 mod local_api;
+mod machine;
 mod operations;
 mod proxy_basics;
 mod sdk_compat;

@@ -799,7 +799,7 @@ async fn oversized_request_head_is_refused_before_reaching_the_upstream() {
 async fn every_request_gets_an_id_sent_upstream_and_back_and_traceparent_passes() {
     let clerk = FakeClerk::start().await;
     let upstream = Upstream::start().await;
-    let gate = Sidecar::start(&clerk, &upstream, "").await;
+    let gate = Sidecar::start(&clerk, &upstream, "[proxy]\ntrust_request_id = false\n").await;
     let http = client();
     let token = clerk.session_token("user_1");
     let mut ids = Vec::new();
@@ -823,7 +823,7 @@ async fn every_request_gets_an_id_sent_upstream_and_back_and_traceparent_passes(
             id.as_str(),
             "the upstream got the same id"
         );
-        assert_ne!(id, "client-chosen", "not trusted by default");
+        assert_ne!(id, "client-chosen", "replaced when not trusted");
         assert_eq!(
             seen["traceparent"],
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -839,8 +839,13 @@ async fn every_request_gets_an_id_sent_upstream_and_back_and_traceparent_passes(
     assert!(resp.headers().contains_key("x-request-id"));
     gate.stop().await;
 
-    let gate = Sidecar::start(&clerk, &upstream, "[proxy]\ntrust_request_id = true\n").await;
-    for (sent, kept) in [("lb-7f3a", true), ("bad id with spaces", false)] {
+    // Trusted (the default): a sane client id is kept, a wild one replaced, none generated.
+    let gate = Sidecar::start(&clerk, &upstream, "").await;
+    for (sent, kept) in [
+        ("lb-7f3a", true),
+        ("with spaces ok", true),
+        (&*"x".repeat(300), false),
+    ] {
         let resp = http
             .get(gate.url("/orders"))
             .bearer_auth(&token)
@@ -852,5 +857,19 @@ async fn every_request_gets_an_id_sent_upstream_and_back_and_traceparent_passes(
         assert_eq!(id == sent, kept, "{sent}");
         assert_eq!(upstream.last().headers["x-request-id"], id.as_str());
     }
+    let resp = http
+        .get(gate.url("/orders"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "generated when absent"
+    );
+    assert_eq!(
+        upstream.last().headers["x-request-id"],
+        resp.headers()["x-request-id"]
+    );
     gate.stop().await;
 }

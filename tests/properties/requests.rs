@@ -347,6 +347,7 @@ proptest! {
                 "x-user-id" => Some("user_prop"),
                 "x-session-id" => Some(sid),
                 "x-clerk-claims" => Some(payload),
+                "x-clerk-token-type" => Some("session_token"),
                 "x-plan" => Some("gold"),
                 "x-org-id" => Some("org_prop"),
                 "x-org-slug" => Some("acme"),

@@ -16,6 +16,12 @@
 //! until released ([`FakeClerk::hold_api`]). Those endpoints are off until
 //! [`FakeClerk::enable_backend_api`], so a fresh fake still answers 404 on every other path.
 //!
+//! And the machine-token verification endpoints (clerk-beyond-sessions.md §A.3, without `/v1`
+//! as the SDK calls them): `POST /api_keys/verify`, `POST /m2m_tokens/verify`,
+//! `POST /oauth_applications/access_tokens/verify`. Answers are set per token
+//! ([`FakeClerk::machine_answer`]), every call is recorded ([`FakeClerk::machine_calls`]), and
+//! [`FakeClerk::fail_machine`] / [`FakeClerk::hold_api`] inject failures and delays.
+//!
 //! One fake per test: it is started before the code under test and shut down when dropped.
 
 use std::collections::{BTreeMap, HashMap};
@@ -131,6 +137,60 @@ struct Shared {
     hold: watch::Sender<bool>,
     /// Whether the users and sessions API is served at all.
     backend_api: std::sync::atomic::AtomicBool,
+    /// The machine-token verification endpoints.
+    machine: Mutex<MachineState>,
+}
+
+/// One recorded call to a machine-token verification endpoint.
+#[derive(Debug, Clone)]
+pub struct MachineCall {
+    /// `/api_keys/verify`, `/m2m_tokens/verify` or `/oauth_applications/access_tokens/verify`.
+    pub path: String,
+    pub authorization: Option<String>,
+    pub api_version: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct MachineState {
+    /// Status and body per token value.
+    answers: HashMap<String, (u16, Value)>,
+    calls: Vec<MachineCall>,
+    failure: Option<Failure>,
+    /// Also accepted as the bearer of `/m2m_tokens/verify`.
+    machine_secret: Option<String>,
+}
+
+/// A Clerk-like API key object (`POST /api_keys/verify` answer).
+pub fn api_key_json(id: &str, subject: &str, scopes: &[&str]) -> Value {
+    json!({
+        "object": "api_key", "id": id, "type": "api_key", "subject": subject,
+        "name": "ci key", "description": null, "claims": null, "scopes": scopes,
+        "revoked": false, "revocation_reason": null, "expired": false, "expiration": null,
+        "created_by": null, "last_used_at": null,
+        "created_at": 1_716_883_200_000u64, "updated_at": 1_716_883_200_000u64,
+    })
+}
+
+/// A Clerk-like M2M token object (`POST /m2m_tokens/verify` answer).
+pub fn m2m_json(id: &str, subject: &str, scopes: &[&str]) -> Value {
+    json!({
+        "object": "machine_to_machine_token", "id": id, "subject": subject, "claims": null,
+        "scopes": scopes, "revoked": false, "revocation_reason": null, "expired": false,
+        "expiration": null, "last_used_at": null,
+        "created_at": 1_716_883_200_000u64, "updated_at": 1_716_883_200_000u64,
+    })
+}
+
+/// A Clerk-like OAuth access token object (`POST /oauth_applications/access_tokens/verify`).
+pub fn oauth_json(id: &str, client_id: &str, subject: &str, scopes: &[&str]) -> Value {
+    json!({
+        "object": "clerk_idp_oauth_access_token", "id": id, "client_id": client_id,
+        "subject": subject, "scopes": scopes, "revoked": false, "revocation_reason": null,
+        "expired": false, "expiration": null,
+        "created_at": 1_716_883_200_000u64, "updated_at": 1_716_883_200_000u64,
+    })
 }
 
 struct State {
@@ -200,6 +260,7 @@ impl FakeClerk {
             api_calls: watch::Sender::new(HashMap::new()),
             hold: watch::Sender::new(false),
             backend_api: std::sync::atomic::AtomicBool::new(false),
+            machine: Mutex::new(MachineState::default()),
         });
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -461,6 +522,35 @@ impl FakeClerk {
         self.state().current.clone()
     }
 
+    /// What the machine verification endpoints answer for `token` (others get Clerk's 404).
+    pub fn machine_answer(&self, token: &str, status: u16, body: Value) {
+        self.machine()
+            .answers
+            .insert(token.to_owned(), (status, body));
+    }
+
+    /// Every machine verification call so far, in order.
+    pub fn machine_calls(&self) -> Vec<MachineCall> {
+        self.machine().calls.clone()
+    }
+
+    /// Makes the machine verification endpoints misbehave (`Failure::None` to stop).
+    pub fn fail_machine(&self, failure: Failure) {
+        self.machine().failure = Some(failure);
+    }
+
+    /// A machine secret key `/m2m_tokens/verify` accepts as its bearer.
+    pub fn set_machine_secret(&self, secret: &str) {
+        self.machine().machine_secret = Some(secret.to_owned());
+    }
+
+    fn machine(&self) -> MutexGuard<'_, MachineState> {
+        self.shared
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared.state()
     }
@@ -537,6 +627,14 @@ async fn handle(
         && shared.backend_api.load(std::sync::atomic::Ordering::SeqCst)
     {
         return Ok(api(request, endpoint, &path, &shared, &mut shutdown).await);
+    }
+    if request.method() == Method::POST
+        && matches!(
+            path.as_str(),
+            "/api_keys/verify" | "/m2m_tokens/verify" | "/oauth_applications/access_tokens/verify"
+        )
+    {
+        return Ok(machine_verify(request, &path, &shared, &mut shutdown).await);
     }
     let path = path.as_str();
     if let Some(sid) = path.strip_prefix("/v1/sessions/") {
@@ -1135,5 +1233,83 @@ async fn api(
             state.session_users.insert(sid.clone(), user);
             ok_json(&session_json(&state, &sid).expect("present"))
         }
+    }
+}
+
+/// The machine verification endpoints: recorded, held, failed, or answered per token.
+async fn machine_verify(
+    request: Request<Incoming>,
+    path: &str,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Response<Full<Bytes>> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let authorization = header("authorization");
+    let api_version = header("clerk-api-version");
+    let content_type = header("content-type");
+    let body =
+        match tokio::time::timeout(Duration::from_secs(5), request.into_body().collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            _ => Bytes::new(),
+        };
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let field = match path {
+        "/api_keys/verify" => "secret",
+        "/m2m_tokens/verify" => "token",
+        _ => "access_token",
+    };
+    let token = body[field].as_str().unwrap_or("").to_owned();
+    let (failure, answer, machine_secret) = {
+        let mut m = shared
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        m.calls.push(MachineCall {
+            path: path.to_owned(),
+            authorization: authorization.clone(),
+            api_version,
+            content_type,
+            body,
+        });
+        (
+            m.failure.clone().unwrap_or(Failure::None),
+            m.answers.get(&token).cloned(),
+            m.machine_secret.clone(),
+        )
+    };
+    let mut hold = shared.hold.subscribe();
+    tokio::select! {
+        _ = hold.wait_for(|held| !*held) => {}
+        () = stopped(shutdown) => {}
+    }
+    if let Some(response) = injected(failure, shutdown).await {
+        return response;
+    }
+    let instance = format!("Bearer {}", shared.secret_key);
+    let machine = machine_secret
+        .filter(|_| path == "/m2m_tokens/verify")
+        .map(|s| format!("Bearer {s}"));
+    let authorized = authorization.as_deref() == Some(instance.as_str())
+        || (machine.is_some() && authorization == machine);
+    if !authorized {
+        return clerk_error(
+            StatusCode::UNAUTHORIZED,
+            "clerk_key_invalid",
+            "Secret Key is invalid",
+            "invalid",
+        );
+    }
+    match answer {
+        Some((status, body)) => json_response(
+            StatusCode::from_u16(status).expect("a valid status"),
+            Bytes::from(body.to_string()),
+        ),
+        None => not_found("token"),
     }
 }
