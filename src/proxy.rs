@@ -13,6 +13,7 @@ pub mod forward;
 pub mod headers;
 pub mod path;
 pub mod pool;
+pub mod pool_h2;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +85,9 @@ pub struct Config {
     /// respected); 1 = a single-threaded runtime, the cheapest per request for a sidecar
     /// limited to one core.
     pub worker_threads: usize,
+    /// What the upstream is spoken to in: `http1`, `h2c` (cleartext HTTP/2), `h2` (ALPN,
+    /// https) or `auto` (h2 when an https upstream agrees by ALPN, else HTTP/1.1).
+    pub upstream_protocol: pool_h2::UpstreamProtocol,
 }
 
 impl Default for Config {
@@ -108,13 +112,30 @@ impl Default for Config {
             tls_key_path: None,
             upstream_ca_path: None,
             worker_threads: 0,
+            upstream_protocol: pool_h2::UpstreamProtocol::Http1,
         }
     }
 }
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.upstream_base()?;
+        let base = self.upstream_base()?;
+        let https = base.scheme == http::uri::Scheme::HTTPS;
+        match self.upstream_protocol {
+            pool_h2::UpstreamProtocol::H2c if https => {
+                return Err(ConfigError::new(
+                    "proxy.upstream_protocol",
+                    "h2c is cleartext HTTP/2 and needs an http:// upstream (h2 or auto for https)",
+                ));
+            }
+            pool_h2::UpstreamProtocol::H2 if !https => {
+                return Err(ConfigError::new(
+                    "proxy.upstream_protocol",
+                    "h2 is negotiated by ALPN and needs an https:// upstream (h2c for http)",
+                ));
+            }
+            _ => {}
+        }
         if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
             return Err(ConfigError::new(
                 "proxy.tls_cert_path",
@@ -271,7 +292,7 @@ pub struct Proxy {
     forward_token: bool,
     accept_cookie: bool,
     upstream: UpstreamBase,
-    client: Arc<pool::UpstreamPool>,
+    client: pool_h2::Client,
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
     forward_auth_uri_source: UriSource,
@@ -404,27 +425,8 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
         let p = &config.proxy;
-        let connector = forward::connector(
-            Duration::from_secs(p.connect_timeout_seconds),
-            p.upstream_ca_path.as_deref(),
-        )
-        .map_err(|e| {
-            let key = if p.upstream_ca_path.is_some() {
-                "proxy.upstream_ca_path"
-            } else {
-                "proxy.upstream"
-            };
-            ConfigError::new(key, format!("TLS roots unavailable: {e}"))
-        })?;
         let upstream = p.upstream_base()?;
-        let client = pool::UpstreamPool::new(
-            connector,
-            &upstream.scheme,
-            &upstream.authority,
-            p.pool_max_idle,
-            Duration::from_secs(p.pool_idle_timeout_seconds),
-        )
-        .map_err(|e| ConfigError::new("proxy.upstream", e.to_string()))?;
+        let client = pool_h2::Client::new(p, &upstream)?;
         // Without a Backend API client until `with_machine` (opaque tokens are then 503).
         let machine = Arc::new(MachineAuth::for_config(config, &auth, metrics.clone()));
         Ok(Self {
@@ -519,6 +521,17 @@ impl Proxy {
                 fapi.forward(req, &conn).await.map(Either::Right),
                 Outcome::FapiProxy,
             )
+        } else if crate::rejection::is_grpc(req.headers()) {
+            // A gRPC client reads a refusal from `grpc-status`, not from the HTTP status.
+            let (mut resp, outcome) = self.proxy(req, &conn).await;
+            match resp.extensions().get::<Rejection>().copied() {
+                Some(r) => {
+                    let mut grpc = r.grpc_response().map(Either::Right);
+                    *grpc.extensions_mut() = std::mem::take(resp.extensions_mut());
+                    (grpc, outcome)
+                }
+                None => (resp, outcome),
+            }
         } else {
             self.proxy(req, &conn).await
         };
@@ -577,6 +590,8 @@ impl Proxy {
         );
         let mut resp = r.response().map(Either::Right);
         resp.extensions_mut().insert(Reason(r.reason()));
+        // For the gRPC answer, see `handle_request`.
+        resp.extensions_mut().insert(r);
         (resp, r.outcome())
     }
 
@@ -746,9 +761,15 @@ impl Proxy {
         // `Upgrade` is removed and the request goes on as a plain one.
         let websocket = parts.method == Method::GET
             && parts.version == Version::HTTP_11
+            && self.client.upgrades()
             && headers::is_websocket_upgrade(&parts.headers);
         let h = &mut parts.headers;
+        // HTTP/2 keeps one TE, `trailers` (gRPC needs it; RFC 9113 section 8.2.2).
+        let te_trailers = self.client.speaks_h2() && headers::te_trailers(h);
         headers::strip_hop_by_hop(h, websocket);
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         headers::strip_listed(h, &self.strip_request);
         if !self.forward_token {
             headers::strip_token(h, &self.cookies);
@@ -777,7 +798,7 @@ impl Proxy {
             None => browser_outcome.unwrap_or(Outcome::Anonymous),
         };
         parts.uri = upstream_uri;
-        // The upstream speaks HTTP/1.1 whatever the client used.
+        // The upstream speaks HTTP/1.1 whatever the client used (the HTTP/2 client sets its own).
         parts.version = Version::HTTP_11;
         let mut req = Request::from_parts(parts, body);
 

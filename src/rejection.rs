@@ -204,6 +204,48 @@ impl Rejection {
     }
 }
 
+/// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`,
+/// `application/grpc-web`...), whose client reads the outcome from `grpc-status`, not from the
+/// HTTP status.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+impl Rejection {
+    /// The gRPC status code for this refusal (gRPC's `doc/statuscodes.md` and its HTTP mapping).
+    pub fn grpc_status(self) -> &'static str {
+        match self.status() {
+            StatusCode::BAD_REQUEST => "3",         // INVALID_ARGUMENT
+            StatusCode::UNAUTHORIZED => "16",       // UNAUTHENTICATED
+            StatusCode::FORBIDDEN => "7",           // PERMISSION_DENIED
+            StatusCode::METHOD_NOT_ALLOWED => "12", // UNIMPLEMENTED
+            StatusCode::GATEWAY_TIMEOUT => "4",     // DEADLINE_EXCEEDED
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => "14", // UNAVAILABLE
+            _ => "2",                               // UNKNOWN
+        }
+    }
+
+    /// The refusal of a gRPC call: a trailers-only response (HTTP 200, `grpc-status` and the
+    /// reason code in `grpc-message`, no body), with the HTTP answer's `www-authenticate` and
+    /// `retry-after`.
+    pub fn grpc_response(self) -> Response<Full<Bytes>> {
+        let mut resp = self.response();
+        *resp.status_mut() = StatusCode::OK;
+        *resp.body_mut() = Full::new(Bytes::new());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+        // Reason codes are lower-case letters and dashes: nothing to percent-encode.
+        h.insert("grpc-message", HeaderValue::from_static(self.reason()));
+        resp
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +278,37 @@ mod tests {
             502
         );
         assert_eq!(Rejection::Policy(PolicyError::OrgRole).status(), 403);
+    }
+
+    #[test]
+    fn grpc_refusals_are_trailers_only_with_the_mapped_status() {
+        let cases = [
+            (Rejection::Auth(AuthError::Missing), "16"),
+            (Rejection::Auth(AuthError::Expired), "16"),
+            (Rejection::Policy(PolicyError::OrgRole), "7"),
+            (Rejection::Auth(AuthError::KeysUnavailable), "14"),
+            (Rejection::Draining, "14"),
+            (Rejection::SpoofedHeader, "3"),
+            (Rejection::Upstream(UpstreamErrorKind::Connect), "14"),
+            (Rejection::Upstream(UpstreamErrorKind::Timeout), "4"),
+        ];
+        for (r, code) in cases {
+            let resp = r.grpc_response();
+            assert_eq!(resp.status(), 200, "{r:?}");
+            let h = resp.headers();
+            assert_eq!(h["content-type"], "application/grpc");
+            assert_eq!(h["grpc-status"], code, "{r:?}");
+            assert_eq!(h["grpc-message"], r.reason());
+            assert!(http_body::Body::is_end_stream(resp.body()));
+        }
+        let mut h = http::HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&h));
     }
 }

@@ -49,6 +49,26 @@ pub fn connector(
     connect_timeout: Duration,
     ca_file: Option<&str>,
 ) -> std::io::Result<HttpsConnector<HttpConnector>> {
+    connector_for(connect_timeout, ca_file, Alpn::Http1)
+}
+
+/// The application protocols offered to an https upstream by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// `http/1.1` only.
+    Http1,
+    /// `h2` only.
+    H2,
+    /// `h2`, then `http/1.1`.
+    Both,
+}
+
+/// [`connector`], offering `alpn` to https upstreams.
+pub fn connector_for(
+    connect_timeout: Duration,
+    ca_file: Option<&str>,
+    alpn: Alpn,
+) -> std::io::Result<HttpsConnector<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
@@ -61,7 +81,12 @@ pub fn connector(
             .try_with_platform_verifier()
             .map_err(std::io::Error::other)?,
     };
-    Ok(builder.https_or_http().enable_http1().wrap_connector(http))
+    let builder = builder.https_or_http();
+    Ok(match alpn {
+        Alpn::Http1 => builder.enable_http1().wrap_connector(http),
+        Alpn::H2 => builder.enable_http2().wrap_connector(http),
+        Alpn::Both => builder.enable_all_versions().wrap_connector(http),
+    })
 }
 
 /// A rustls client configuration trusting only the certificates in a PEM file.

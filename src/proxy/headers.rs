@@ -122,6 +122,21 @@ fn only_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     seen
 }
 
+/// Whether the request's `TE` lists `trailers` (the one TE an HTTP/2 request may carry, RFC 9113
+/// section 8.2.2; gRPC clients send it).
+pub fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
 /// Whether a request is a WebSocket opening handshake (RFC 6455 section 4.1): `Connection`
 /// lists `upgrade` and `Upgrade` is exactly `websocket`. The caller also requires `GET` over
 /// HTTP/1.1. Every other upgrade (`h2c`, `TLS/1.x`, anything unknown) would turn the connection

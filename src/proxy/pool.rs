@@ -153,6 +153,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The lease of no connection (an HTTP/2 stream, which shares its connection): releasing
+    /// or dropping it does nothing.
+    pub fn none() -> Self {
+        Self {
+            pool: Weak::new(),
+            sender: None,
+            request_done: None,
+        }
+    }
+
     /// The response body ended: the connection may serve another request, unless the request
     /// body is still being written on it (then it is closed instead).
     pub fn release(mut self) {

@@ -12,4 +12,5 @@ mod sessions;
 #[path = "../support/mod.rs"]
 mod support;
 mod support_smoke;
+mod upstream_h2;
 mod upstream_tls;
