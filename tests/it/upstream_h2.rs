@@ -670,3 +670,28 @@ async fn a_protocol_that_does_not_fit_the_upstream_scheme_names_the_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn bodies_larger_than_the_flow_control_windows_pass_both_ways() {
+    let upstream = H2Upstream::start().await;
+    let clerk = FakeClerk::start().await;
+    let gate = gate(&clerk, &upstream.url, "[proxy]\nupstream_protocol = \"h2c\"\n").await;
+    let token = clerk.session_token("user_big");
+    // 4 MiB: 64 times HTTP/2's initial 64 KiB stream window, so it passes only if both hops
+    // keep opening their windows as the other side reads.
+    let big: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut h2 = h2_client(&gate).await;
+    let req = Request::post(format!("http://{}/big", gate.proxy))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(big.clone())).boxed())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), h2.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (body, _) = read_all(resp.into_body()).await;
+    assert_eq!(body.len(), big.len());
+    assert!(body == big, "the body came back intact");
+    assert_eq!(upstream.seen()[0].body.len(), big.len());
+}
