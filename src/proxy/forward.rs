@@ -185,7 +185,7 @@ impl Body for UpstreamBody {
 /// Whether the exchange failed because the client's own request body failed (invalid chunked
 /// framing, a body shorter than its Content-Length): the client's fault, not the upstream's.
 pub fn is_client_body_error(e: &PoolError) -> bool {
-    e.chain().any(is_failing_request_body)
+    matches!(e, PoolError::ClientBody(_)) || e.chain().any(is_failing_request_body)
 }
 
 /// hyper reports a failing request body as a user error (`User(Body)`) whose source is the
@@ -202,7 +202,7 @@ pub fn classify(e: &PoolError) -> UpstreamErrorKind {
     match e {
         PoolError::Connect(_) if e.chain().any(is_timeout) => UpstreamErrorKind::Timeout,
         PoolError::Connect(_) => UpstreamErrorKind::Connect,
-        PoolError::Send(_) => UpstreamErrorKind::Protocol,
+        PoolError::Send(_) | PoolError::ClientBody(_) => UpstreamErrorKind::Protocol,
     }
 }
 

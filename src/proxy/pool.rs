@@ -43,6 +43,9 @@ pub enum PoolError {
     Connect(BoxError),
     /// The exchange on an established connection failed.
     Send(hyper::Error),
+    /// The client's request body failed (bad framing, a short body, the client went away)
+    /// while it was being sent over HTTP/2.
+    ClientBody(hyper::Error),
 }
 
 impl std::fmt::Display for PoolError {
@@ -50,6 +53,7 @@ impl std::fmt::Display for PoolError {
         match self {
             PoolError::Connect(e) => write!(f, "connect: {e}"),
             PoolError::Send(e) => write!(f, "send: {e}"),
+            PoolError::ClientBody(e) => write!(f, "request body: {e}"),
         }
     }
 }
@@ -59,7 +63,7 @@ impl PoolError {
     pub fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
         let first: &(dyn std::error::Error + 'static) = match self {
             PoolError::Connect(e) => e.as_ref(),
-            PoolError::Send(e) => e,
+            PoolError::Send(e) | PoolError::ClientBody(e) => e,
         };
         std::iter::successors(Some(first), |err| err.source())
     }

@@ -13,13 +13,17 @@
 //! removed the connection-specific headers of RFC 9113 section 8.2.2, keeping only
 //! `te: trailers`; `Host` becomes `:authority`.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::HOST;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
@@ -49,7 +53,48 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-type Sender = http2::SendRequest<Incoming>;
+type Sender = http2::SendRequest<ClientBody>;
+
+/// The client's request body on its way to an HTTP/2 upstream, noting when it failed: hyper's
+/// HTTP/2 client reports a failed request body as a reset stream, which would otherwise read as
+/// the upstream's fault. The error itself goes on to hyper, which resets the stream (the
+/// upstream never takes a cut-off body for a whole one). A request without a body has nothing
+/// to fail and allocates nothing.
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Option<Arc<AtomicBool>>,
+}
+
+impl ClientBody {
+    fn new(inner: Incoming) -> Self {
+        let failed = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        Self { inner, failed }
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Err(_))), Some(failed)) = (&polled, &self.failed) {
+            failed.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Why the HTTP/2 pool did not send a request.
 enum H2Failure {
@@ -170,35 +215,35 @@ impl H2Pool {
         }
     }
 
-    /// `req`'s URI becomes absolute: the upstream's scheme, `Host` (if any) as `:authority`.
-    fn prepare(&self, req: &mut Request<Incoming>) {
-        let authority = req
-            .headers_mut()
+    /// `req` for HTTP/2: an absolute URI with the upstream's scheme and `Host` (if any) as
+    /// `:authority`.
+    fn prepare(&self, req: Request<Incoming>) -> Request<ClientBody> {
+        let (mut parts, body) = req.into_parts();
+        let authority = parts
+            .headers
             .remove(HOST)
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
             .unwrap_or_else(|| self.authority.clone());
-        let mut parts = std::mem::take(req.uri_mut()).into_parts();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(authority);
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(authority);
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
-        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| self.target.clone());
-        *req.version_mut() = Version::HTTP_2;
+        parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| self.target.clone());
+        parts.version = Version::HTTP_2;
+        Request::from_parts(parts, ClientBody::new(body))
     }
 
-    async fn request(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, H2Failure> {
+    async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, H2Failure> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS];
-        let mut prepared = false;
+        let (sender, mut reused) = self.sender(slot).await.map_err(H2Failure::Pool)?;
+        let Some(mut sender) = sender else {
+            return Err(H2Failure::NotH2(Box::new(req)));
+        };
+        let mut req = self.prepare(req);
+        let body_failed = req.body().failed.clone();
         loop {
-            let (sender, reused) = self.sender(slot).await.map_err(H2Failure::Pool)?;
-            let Some(mut sender) = sender else {
-                return Err(H2Failure::NotH2(Box::new(req)));
-            };
-            if !prepared {
-                self.prepare(&mut req);
-                prepared = true;
-            }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => {
@@ -207,10 +252,20 @@ impl H2Pool {
                         // Not a byte of it was sent (the connection was going away): once more
                         // on a fresh connection, but only if this one was a reused one.
                         Some(back) if reused => req = back,
+                        _ if body_failed.is_some_and(|f| f.load(Ordering::Acquire)) => {
+                            return Err(H2Failure::Pool(PoolError::ClientBody(e.into_error())));
+                        }
                         _ => return Err(H2Failure::Pool(PoolError::Send(e.into_error()))),
                     }
                 }
             }
+            let (next, fresh_reused) = self.sender(slot).await.map_err(H2Failure::Pool)?;
+            sender = next.ok_or_else(|| {
+                H2Failure::Pool(PoolError::Connect(
+                    "the upstream no longer chooses h2 by ALPN".into(),
+                ))
+            })?;
+            reused = fresh_reused;
         }
     }
 }

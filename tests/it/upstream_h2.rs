@@ -675,7 +675,12 @@ async fn a_protocol_that_does_not_fit_the_upstream_scheme_names_the_key() {
 async fn bodies_larger_than_the_flow_control_windows_pass_both_ways() {
     let upstream = H2Upstream::start().await;
     let clerk = FakeClerk::start().await;
-    let gate = gate(&clerk, &upstream.url, "[proxy]\nupstream_protocol = \"h2c\"\n").await;
+    let gate = gate(
+        &clerk,
+        &upstream.url,
+        "[proxy]\nupstream_protocol = \"h2c\"\n",
+    )
+    .await;
     let token = clerk.session_token("user_big");
     // 4 MiB: 64 times HTTP/2's initial 64 KiB stream window, so it passes only if both hops
     // keep opening their windows as the other side reads.
@@ -694,4 +699,41 @@ async fn bodies_larger_than_the_flow_control_windows_pass_both_ways() {
     assert_eq!(body.len(), big.len());
     assert!(body == big, "the body came back intact");
     assert_eq!(upstream.seen()[0].body.len(), big.len());
+}
+
+#[tokio::test]
+async fn a_client_body_that_breaks_its_framing_is_a_400_not_an_upstream_error() {
+    let upstream = H2Upstream::start().await;
+    let clerk = FakeClerk::start().await;
+    let gate = gate(
+        &clerk,
+        &upstream.url,
+        "[proxy]\nupstream_protocol = \"h2c\"\n",
+    )
+    .await;
+    let token = clerk.session_token("user_chunks");
+    let mut tcp = TcpStream::connect(gate.proxy).await.unwrap();
+    let head = format!(
+        "POST /plain HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("bad-request-body"), "{answer}");
+    // Not counted against the upstream, and the upstream never took the cut-off body for a
+    // whole one.
+    let metrics = gate.metrics_text().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("clerkgate_upstream_errors_total{") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        upstream.seen().is_empty(),
+        "a truncated body was delivered as complete"
+    );
 }
