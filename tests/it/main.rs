@@ -12,5 +12,6 @@ mod sessions;
 #[path = "../support/mod.rs"]
 mod support;
 mod support_smoke;
+mod upstream_grpc;
 mod upstream_h2;
 mod upstream_tls;
