@@ -48,6 +48,8 @@ struct State {
     chunks: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
     /// Closes every open connection.
     kill: Notify,
+    /// Closes every open connection gracefully (GOAWAY, then in-flight streams finish).
+    graceful: Notify,
 }
 
 /// An h2c upstream on hyper's HTTP/2 server.
@@ -77,10 +79,14 @@ impl H2Upstream {
                     });
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service);
+                    let mut conn = std::pin::pin!(conn);
                     tokio::select! {
-                        _ = conn => {}
-                        () = s2.kill.notified() => {}
+                        _ = conn.as_mut() => return,
+                        () = s2.kill.notified() => return,
+                        () = s2.graceful.notified() => {}
                     }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
                 });
             }
         });
@@ -537,6 +543,22 @@ async fn a_restarted_upstream_connection_is_redialled() {
         "{before} then {after}"
     );
     assert_eq!(upstream.seen().len(), 8);
+
+    // A graceful close (GOAWAY, as a rolling restart sends) likewise.
+    upstream.state.graceful.notify_waiters();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..4 {
+        let resp = http
+            .get(gate.url("/plain"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let last = upstream.state.connections.load(Ordering::SeqCst);
+    assert!(last > after && last <= after + 2, "{after} then {last}");
+    assert_eq!(upstream.seen().len(), 12);
 }
 
 /// A TLS upstream (clerkgate's own server: ALPN h2 and http/1.1, or `alpn` given) that answers
