@@ -521,14 +521,14 @@ impl Proxy {
                 fapi.forward(req, &conn).await.map(Either::Right),
                 Outcome::FapiProxy,
             )
-        } else if crate::rejection::is_grpc(req.headers()) {
+        } else if let Some(grpc) = crate::rejection::grpc_content_type(req.headers()).cloned() {
             // A gRPC client reads a refusal from `grpc-status`, not from the HTTP status.
             let (mut resp, outcome) = self.proxy(req, &conn).await;
             match resp.extensions().get::<Rejection>().copied() {
                 Some(r) => {
-                    let mut grpc = r.grpc_response().map(Either::Right);
-                    *grpc.extensions_mut() = std::mem::take(resp.extensions_mut());
-                    (grpc, outcome)
+                    let mut answer = r.grpc_response(grpc).map(Either::Right);
+                    *answer.extensions_mut() = std::mem::take(resp.extensions_mut());
+                    (answer, outcome)
                 }
                 None => (resp, outcome),
             }

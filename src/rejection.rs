@@ -204,13 +204,13 @@ impl Rejection {
     }
 }
 
-/// Whether a request is a gRPC call (`application/grpc`, `application/grpc+proto`,
+/// The content type of a gRPC call (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...), whose client reads the outcome from `grpc-status`, not from the
-/// HTTP status.
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+/// HTTP status; `None` for any other request.
+pub fn grpc_content_type(headers: &http::HeaderMap) -> Option<&HeaderValue> {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 impl Rejection {
@@ -227,18 +227,15 @@ impl Rejection {
         }
     }
 
-    /// The refusal of a gRPC call: a trailers-only response (HTTP 200, `grpc-status` and the
-    /// reason code in `grpc-message`, no body), with the HTTP answer's `www-authenticate` and
-    /// `retry-after`.
-    pub fn grpc_response(self) -> Response<Full<Bytes>> {
+    /// The refusal of a gRPC call: a trailers-only response (HTTP 200, the call's own
+    /// `content-type`, `grpc-status` and the reason code in `grpc-message`, no body), with the
+    /// HTTP answer's `www-authenticate` and `retry-after`.
+    pub fn grpc_response(self, content_type: HeaderValue) -> Response<Full<Bytes>> {
         let mut resp = self.response();
         *resp.status_mut() = StatusCode::OK;
         *resp.body_mut() = Full::new(Bytes::new());
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
+        h.insert(header::CONTENT_TYPE, content_type);
         h.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
         // Reason codes are lower-case letters and dashes: nothing to percent-encode.
         h.insert("grpc-message", HeaderValue::from_static(self.reason()));
@@ -293,7 +290,7 @@ mod tests {
             (Rejection::Upstream(UpstreamErrorKind::Timeout), "4"),
         ];
         for (r, code) in cases {
-            let resp = r.grpc_response();
+            let resp = r.grpc_response(HeaderValue::from_static("application/grpc"));
             assert_eq!(resp.status(), 200, "{r:?}");
             let h = resp.headers();
             assert_eq!(h["content-type"], "application/grpc");
@@ -302,13 +299,13 @@ mod tests {
             assert!(http_body::Body::is_end_stream(resp.body()));
         }
         let mut h = http::HeaderMap::new();
-        assert!(!is_grpc(&h));
+        assert!(grpc_content_type(&h).is_none());
         h.insert(
             "content-type",
-            HeaderValue::from_static("application/grpc+proto"),
+            HeaderValue::from_static("application/grpc-web+proto"),
         );
-        assert!(is_grpc(&h));
+        assert_eq!(grpc_content_type(&h).unwrap(), "application/grpc-web+proto");
         h.insert("content-type", HeaderValue::from_static("application/json"));
-        assert!(!is_grpc(&h));
+        assert!(grpc_content_type(&h).is_none());
     }
 }
