@@ -207,10 +207,12 @@ impl H2Pool {
         Ok(Some(sender))
     }
 
-    /// Forgets `slot`'s connection if it is still the one that failed.
-    fn forget(slot: &Slot, failed: &Sender) {
+    /// Forgets `slot`'s connection if it has closed (a request that failed on a live
+    /// connection, a reset stream, leaves it to the others; one that another request already
+    /// redialled is kept).
+    fn forget(slot: &Slot) {
         let mut guard = slot.sender.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.as_ref().is_some_and(|s| s.is_closed()) || failed.is_closed() {
+        if guard.as_ref().is_some_and(|s| s.is_closed()) {
             *guard = None;
         }
     }
@@ -247,7 +249,7 @@ impl H2Pool {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => {
-                    Self::forget(slot, &sender);
+                    Self::forget(slot);
                     match e.take_message() {
                         // Not a byte of it was sent (the connection was going away): once more
                         // on a fresh connection, but only if this one was a reused one.
