@@ -284,11 +284,18 @@ pub fn set_forwarded(
             headers.remove(name);
         }
     }
-    if trust && let Some(prev) = headers.get(header::FORWARDED) {
-        // `for=` takes a node: an IPv6 address is quoted and bracketed (RFC 7239 section 6).
+    if trust && headers.contains_key(header::FORWARDED) {
+        // Every prior element, in order (several lines are one list, RFC 9110 section 5.3),
+        // then this hop. `for=` takes a node: an IPv6 address is quoted and bracketed (RFC 7239
+        // section 6).
         let ip = peer.as_bytes();
-        let mut joined = Vec::with_capacity(prev.len() + ip.len() + 12);
-        joined.extend_from_slice(prev.as_bytes());
+        let mut joined = Vec::with_capacity(64);
+        for (i, prev) in headers.get_all(header::FORWARDED).iter().enumerate() {
+            if i > 0 {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(prev.as_bytes());
+        }
         joined.extend_from_slice(b", for=");
         if ip.contains(&b':') {
             joined.extend_from_slice(b"\"[");
@@ -597,5 +604,15 @@ mod tests {
             "203.0.113.7",
             "kept when trusted"
         );
+        let mut h = map(&[("forwarded", "for=a"), ("forwarded", "for=b")]);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.9"),
+            false,
+            None,
+            true,
+        );
+        let all: Vec<_> = h.get_all("forwarded").iter().collect();
+        assert_eq!(all, ["for=a, for=b, for=10.0.0.9"], "every prior line kept");
     }
 }
