@@ -854,9 +854,10 @@ async fn concurrent_copies_of_one_webhook_are_applied_once_without_forwarding() 
 async fn a_failed_forward_releases_the_claim_for_the_retry() {
     let clerk = shared_clerk();
     // The forward target is an upstream that is down at first.
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Bound but never listening (held for the test): refused, and no other server can take it.
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
     let gate = gate_for(
         &format!("http://{dead_addr}"),
         &format!(

@@ -52,9 +52,14 @@ fn status_of(head: &str) -> u16 {
 }
 
 /// A port on 127.0.0.1 with nothing listening.
-async fn closed_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
+/// A port that refuses connections for as long as the returned socket lives: bound, never
+/// listening, so no other test's server can take it (a bound-then-dropped port could be handed
+/// to the next server that asks for a free one).
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 #[tokio::test]
@@ -214,7 +219,8 @@ async fn a_full_token_cache_evicts_and_counts_it() {
 #[tokio::test]
 async fn unreachable_upstream_is_502_upstream_unavailable() {
     let clerk = FakeClerk::start().await;
-    let dead = format!("http://127.0.0.1:{}", closed_port().await);
+    let (_held, port) = closed_port();
+    let dead = format!("http://127.0.0.1:{port}");
     let gate = Sidecar::start_config(config(&base_toml(&clerk, &dead), "").unwrap()).await;
     assert!(gate.wait_ready(WAIT).await);
 

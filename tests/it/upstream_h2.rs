@@ -488,10 +488,10 @@ async fn grpc_unary_and_server_streaming_pass_and_refusals_carry_grpc_status() {
 
 #[tokio::test]
 async fn grpc_call_to_an_unreachable_upstream_is_unavailable() {
-    // A port with nothing listening.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // A port with nothing listening, held (bound, not listening) so no other test takes it.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
     let clerk = FakeClerk::start().await;
     let gate = gate(&clerk, &url, "[proxy]\nupstream_protocol = \"h2c\"\n").await;
     let token = clerk.session_token("user_down");

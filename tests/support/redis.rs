@@ -52,7 +52,25 @@ impl RedisServer {
         Ok(server)
     }
 
+    /// Starts the server on `self.port`; if that port was taken meanwhile (it was free when
+    /// chosen, but another test may bind it first), moves to another free port.
     async fn spawn(&mut self, bin: &std::path::Path) {
+        for _ in 0..5 {
+            if self.try_spawn(bin).await {
+                return;
+            }
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            self.port = l.local_addr().expect("addr").port();
+        }
+        panic!("redis-server did not start on a free port");
+    }
+
+    /// Whether the server came up (and is still running) on `self.port`.
+    async fn try_spawn(&mut self, bin: &std::path::Path) -> bool {
         let child = Command::new(bin)
             .args([
                 "--port",
@@ -76,7 +94,13 @@ impl RedisServer {
             tokio::net::TcpStream::connect(&addr).await.is_ok()
         })
         .await;
-        assert!(up, "redis-server listens on {addr}");
+        // A server that lost the port race exits; whatever answers then is not ours.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        up && running
     }
 
     pub fn url(&self) -> String {
