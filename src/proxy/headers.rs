@@ -82,7 +82,7 @@ static HOP_BY_HOP: [HeaderName; 10] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
     // Most requests and responses carry none: one pass over the names (standard names compare
     // as integers) instead of a hashed removal per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    if !websocket && !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -444,6 +444,15 @@ mod tests {
         ]);
         assert!(!is_websocket_upgrade(&two), "a second Upgrade line");
         assert!(!is_websocket_upgrade(&map(&[("connection", "upgrade")])));
+    }
+
+    #[test]
+    fn a_websocket_handshake_carries_exactly_its_upgrade_even_from_a_bare_map() {
+        // Found by the headers fuzz target: the no-hop-by-hop fast path returned early.
+        let mut h = map(&[("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
     }
 
     #[test]
