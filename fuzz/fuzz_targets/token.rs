@@ -266,9 +266,16 @@ fn claims_model(p: &Map<String, Value>, flags: u8) -> Result<(), &'static str> {
     let pending_out = flags & 4 != 0;
     let skew = [0u64, 5_000, 60_000, u64::MAX / 2][(flags as usize >> 3) & 3] as f64;
     let now = NOW_MS as f64;
+    // sub and sid travel upstream as header values: printable ASCII without spaces, whole.
+    let header_safe = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
     match p.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() => {}
-        _ => return Err("sub is not a non-empty string"),
+        Some(Value::String(s)) if !s.is_empty() && header_safe(s) => {}
+        _ => return Err("sub is not a non-empty header-safe string"),
+    }
+    if let Some(Value::String(sid)) = p.get("sid")
+        && !header_safe(sid)
+    {
+        return Err("sid is not header-safe");
     }
     if flags & 1 != 0 {
         match p.get("azp") {
