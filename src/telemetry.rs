@@ -408,48 +408,37 @@ impl Metrics {
                 .expect("registered once");
             g
         };
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "clerkgate_upstream_duration_seconds",
-                "Time from the request sent upstream to the upstream's response head: the part of \
-                 clerkgate_request_duration_seconds that is the upstream's, not clerkgate's.",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(upstream_duration.clone()))
-            .expect("registered once");
-        let fleet_propagation = Histogram::with_opts(
-            HistogramOpts::new(
-                "clerkgate_fleet_propagation_seconds",
-                "Time from a state change on one replica to its application on this one.",
-            )
-            .buckets(vec![
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("registered once");
+            h
+        };
+        // Request-shaped latencies: 100 us to 30 s.
+        const LATENCY: &[f64] = &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0,
+        ];
+        let upstream_duration = histogram(
+            "clerkgate_upstream_duration_seconds",
+            "Time from the request sent upstream to the upstream's response head: the part of \
+             clerkgate_request_duration_seconds that is the upstream's, not clerkgate's.",
+            LATENCY,
+        );
+        let fleet_propagation = histogram(
+            "clerkgate_fleet_propagation_seconds",
+            "Time from a state change on one replica to its application on this one.",
+            &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(fleet_propagation.clone()))
-            .expect("registered once");
-        let request_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "clerkgate_request_duration_seconds",
-                "Time from request head received to response head sent (or rejection).",
-            )
-            .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(request_duration.clone()))
-            .expect("registered once");
+            ],
+        );
+        let request_duration = histogram(
+            "clerkgate_request_duration_seconds",
+            "Time from request head received to response head sent (or rejection).",
+            LATENCY,
+        );
         let build_info = IntGaugeVec::new(
             Opts::new("clerkgate_build_info", "Build information; always 1."),
             &["version"],
