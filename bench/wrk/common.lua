@@ -18,6 +18,31 @@ function bench_read_lines(path, limit)
    return lines
 end
 
+-- The request shape's extra headers (bench/run.py --shapes realistic): a file of "Name: value"
+-- lines named by BENCH_HEADERS_FILE, merged into every request. Empty when unset.
+function bench_extra_headers()
+   local headers = {}
+   local path = os.getenv("BENCH_HEADERS_FILE")
+   if path == nil or path == "" then return headers end
+   local file = assert(io.open(path, "r"), "cannot open " .. path)
+   for line in file:lines() do
+      local name, value = line:match("^([^:]+):%s*(.*)$")
+      if name then headers[name] = value end
+   end
+   file:close()
+   return headers
+end
+
+-- The headers of one request carrying `token`: the shape's extra headers plus the bearer token.
+-- (wrk.format uses the table it is given instead of wrk.headers, so merge them here.)
+local extra_headers = nil
+function bench_with_token(token)
+   extra_headers = extra_headers or bench_extra_headers()
+   local headers = { ["Authorization"] = "Bearer " .. token }
+   for name, value in pairs(extra_headers) do headers[name] = value end
+   return headers
+end
+
 function done(summary, latency, requests)
    local e = summary.errors
    io.write(string.format(

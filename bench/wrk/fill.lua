@@ -18,7 +18,7 @@ function request()
    -- Past the end (requests still in flight when the last one goes out): repeat the last token,
    -- which is a cache hit and adds nothing to the cache.
    local token = tokens[math.min(sent, #tokens)]
-   return wrk.format(nil, nil, { ["Authorization"] = "Bearer " .. token })
+   return wrk.format(nil, nil, bench_with_token(token))
 end
 
 function response(status, headers, body)

@@ -39,6 +39,9 @@ function setup(thread)
 end
 
 function init(args)
+   for name, value in pairs(bench_extra_headers()) do
+      wrk.headers[name] = value
+   end
    local mode = args[1] or "none"
    if mode == "bearer" then
       wrk.headers["Authorization"] = "Bearer " .. bench_read_lines(args[2], 1)[1]

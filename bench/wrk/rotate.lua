@@ -19,7 +19,7 @@ end
 function init(args)
    local tokens = bench_read_lines(args[1], tonumber(args[2]))
    for i, token in ipairs(tokens) do
-      requests[i] = wrk.format(nil, nil, { ["Authorization"] = "Bearer " .. token })
+      requests[i] = wrk.format(nil, nil, bench_with_token(token))
    end
    index = ((tonumber(wrk.thread:get("id")) or 0) * 7919) % #requests
 end
