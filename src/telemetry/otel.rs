@@ -528,6 +528,38 @@ mod tests {
     }
 
     #[test]
+    fn the_standard_variables_set_endpoint_and_service_name_and_headers_stay_secret() {
+        let c = crate::config::Config::load(
+            None,
+            [
+                ("CLERK_SECRET_KEY", "sk_test_x"),
+                (
+                    "CLERK_PUBLISHABLE_KEY",
+                    "pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk",
+                ),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+                ("OTEL_SERVICE_NAME", "checkout-gate"),
+                ("CLERKGATE_TRACING__SAMPLE_RATIO", "0.25"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.tracing.otlp_endpoint, "http://collector:4318");
+        assert_eq!(c.tracing.service_name, "checkout-gate");
+        assert_eq!(c.tracing.sample_ratio, 0.25);
+        let mut bad = c.clone();
+        bad.tracing.sample_ratio = 2.0;
+        let err = bad.validate().unwrap_err();
+        assert_eq!(err.key, "tracing.sample_ratio");
+        let mut c = c;
+        c.tracing
+            .headers
+            .insert("x-api-key".into(), Secret::new("collector-key-123456"));
+        let out = c.to_redacted_toml();
+        assert!(out.contains("[tracing.headers]"), "{out}");
+        assert!(!out.contains("collector-key-123456"), "{out}");
+    }
+
+    #[test]
     fn invented_methods_are_other() {
         let m = http::Method::from_bytes(b"BREW").unwrap();
         assert_eq!(method_name(&m), "_OTHER");
