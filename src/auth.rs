@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
-use crate::telemetry::{AuthFailure, Metrics};
+use crate::telemetry::{AuthFailure, Label, Metrics};
 use identity::Identity;
 
 /// `[auth]`: how tokens are accepted.
@@ -254,6 +254,23 @@ impl Authenticator {
             self.cache.invalidate(&cache_key);
         }
         self.metrics.token_cache_misses.inc();
+        // A span only for a miss (and only when traces are exported): hits stay span-free.
+        let span = crate::telemetry::otel::verify_span();
+        let verified = self.verify_uncached(token, cache_key, now_ms);
+        let result = tracing::Instrument::instrument(verified, span.clone()).await;
+        if let Err(e) = &result {
+            crate::telemetry::otel::record_error(&span, Label::as_label(e.failure()));
+        }
+        result
+    }
+
+    /// Verifies a token the cache did not hold, and caches the identity.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        cache_key: cache::CacheKey,
+        now_ms: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
         let generation = self.keys.generation();
         let parsed = token::parse(token)?;
         let may_refetch = self.verifier.issuer_allowed(parsed.unverified_issuer());

@@ -147,7 +147,12 @@ fn runtime_with<F: std::future::Future<Output = ExitCode>>(workers: usize, f: F)
 }
 
 async fn serve(config: Config) -> ExitCode {
-    crate::telemetry::init_logging(&config.log);
+    let (otel, layer) = match crate::telemetry::otel::Exporter::start(&config.tracing) {
+        Ok(Some((exporter, layer))) => (Some(exporter), Some(layer)),
+        Ok(None) => (None, None),
+        Err(e) => return config_error(&e),
+    };
+    crate::telemetry::init_logging_with(&config.log, layer);
     if config.clerk.jwt_key.is_none()
         && config.clerk.secret_key.is_none()
         && config.clerk.jwks_url.is_none()
@@ -168,7 +173,12 @@ async fn serve(config: Config) -> ExitCode {
         Ok(app) => app,
         Err(e) => return config_error(&e),
     };
-    match app.run(listeners, crate::shutdown::signal()).await {
+    let ran = app.run(listeners, crate::shutdown::signal()).await;
+    // After the drain: the last requests' spans have ended.
+    if let Some(otel) = otel {
+        otel.shutdown().await;
+    }
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "clerkgate failed");

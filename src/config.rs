@@ -39,6 +39,7 @@ pub struct Config {
     pub local_api: local_api::Config,
     pub machine: auth::machine::Config,
     pub log: telemetry::LogConfig,
+    pub tracing: telemetry::otel::Config,
     pub shutdown: shutdown::Config,
 }
 
@@ -88,6 +89,13 @@ const CLERK_VARIABLES: &[(&str, &str, ClerkVar)] = &[
         ClerkVar::Text,
     ),
     ("CLERK_WEBHOOK_SECRET", "webhooks.secret", ClerkVar::Text),
+    // OpenTelemetry's standard variables for the two keys they name.
+    (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "tracing.otlp_endpoint",
+        ClerkVar::Text,
+    ),
+    ("OTEL_SERVICE_NAME", "tracing.service_name", ClerkVar::Text),
     (
         "CLERK_SESSION_DURATION",
         "sessions.duration_seconds",
@@ -244,6 +252,7 @@ impl Config {
         self.fleet.validate()?;
         self.local_api.validate(self)?;
         self.machine.validate()?;
+        self.tracing.validate()?;
         if self.auth.max_token_bytes > self.proxy.max_header_bytes {
             return Err(ConfigError::new(
                 "auth.max_token_bytes",

@@ -33,7 +33,7 @@ use crate::auth::{AuthError, Authenticator, SpoofPolicy, now_ms};
 use crate::config::ConfigError;
 use crate::rejection::Rejection;
 use crate::server::ConnInfo;
-use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
+use crate::telemetry::{Label, Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
 
 /// The response body: the upstream's, streamed, or one of ours.
@@ -538,6 +538,10 @@ impl Proxy {
         let mut resp = resp;
         resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
         self.metrics.requests.inc(outcome);
+        if crate::telemetry::otel::enabled() {
+            let reason = resp.extensions().get::<Reason>().map(|r| r.0);
+            crate::telemetry::otel::record_outcome(outcome.as_label(), reason);
+        }
         let elapsed = start.elapsed();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         if access && let Some((method, path)) = &log_line {
@@ -803,9 +807,11 @@ impl Proxy {
         let mut req = Request::from_parts(parts, body);
 
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        // `Span::none()` unless traces are exported; then it also sets `traceparent`.
+        let span = crate::telemetry::otel::upstream_span(&mut req);
         let sent = Instant::now();
-        let resp = match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await
-        {
+        let call = tracing::Instrument::instrument(self.client.request(req), span.clone());
+        let resp = match tokio::time::timeout(self.upstream_timeout, call).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if forward::is_client_body_error(&e) => {
                 tracing::debug!(error = ?e, "the client's request body broke off");
@@ -818,6 +824,7 @@ impl Proxy {
             Err(_) => return self.reject(Rejection::Upstream(UpstreamErrorKind::Timeout)),
         };
         let (mut resp, lease) = resp;
+        crate::telemetry::otel::record_status(&span, resp.status());
         let upstream_time = sent.elapsed();
         self.metrics
             .upstream_duration
@@ -1010,7 +1017,19 @@ impl crate::server::Handler for Proxy {
     type Body = ProxyBody;
 
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
-        self.handle_request(req, conn).await
+        if !crate::telemetry::otel::enabled() {
+            return self.handle_request(req, conn).await;
+        }
+        // The request's server span (until the response head), when traces are exported.
+        let span = crate::telemetry::otel::request_span(&req);
+        let resp =
+            tracing::Instrument::instrument(self.handle_request(req, conn), span.clone()).await;
+        let id = resp
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok());
+        crate::telemetry::otel::record_response(&span, resp.status(), id);
+        resp
     }
 }
 

@@ -1,4 +1,4 @@
-//! Logs and metrics.
+//! Logs and metrics; [`otel`] exports traces.
 //!
 //! Metric families are built once per process (or once per test) into a [`Metrics`] value that
 //! is passed to whoever records, never a process global, so parallel tests do not share
@@ -7,6 +7,8 @@
 //!
 //! Counters are resolved per label value at start-up, so recording on the request path is one
 //! atomic add: no label hashing and no lock.
+
+pub mod otel;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -618,17 +620,40 @@ impl Default for LogConfig {
 
 /// Installs the global tracing subscriber. Safe to call more than once (later calls are no-ops).
 pub fn init_logging(config: &LogConfig) {
+    init_logging_with(config, None);
+}
+
+/// [`init_logging`], plus the OpenTelemetry layer when trace export is on ([`otel`]). Without
+/// it the subscriber is exactly the plain one; with it, the log layer's filter also excludes
+/// the exported spans, so log lines keep their shape.
+pub fn init_logging_with(config: &LogConfig, otel: Option<otel::BoxedLayer>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match config.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let Some(otel) = otel else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match config.format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Text => builder.try_init(),
+        };
+        return;
     };
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{FilterExt, filter_fn};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = filter.and(filter_fn(otel::not_exported));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: otel::BoxedLayer = match config.format {
+        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(vec![fmt, otel])
+        .try_init();
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ fn check(result: Result<Config, ConfigError>) {
     ]
     .into_iter()
     .flatten()
+    .chain(config.tracing.headers.values().map(|s| s.expose()))
     {
         let quoted = format!("\"{secret}\"");
         // Short secrets can equal an unrelated value (`"info"` is valid base64).

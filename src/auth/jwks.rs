@@ -31,7 +31,7 @@ use super::AuthError;
 use super::token::Alg;
 use crate::clerk::{API_VERSION, Instance, KeySource};
 use crate::config::Secret;
-use crate::telemetry::{JwksFetchResult, Metrics};
+use crate::telemetry::{JwksFetchResult, Label, Metrics};
 
 /// One verification key, parsed and bound to its algorithm.
 pub struct Key {
@@ -433,7 +433,8 @@ impl KeyStore {
     }
 
     async fn fetch_and_store(&self, remote: &Remote) -> Result<(), FetchError> {
-        match fetch(remote).await {
+        let span = crate::telemetry::otel::jwks_fetch_span();
+        match tracing::Instrument::instrument(fetch(remote), span.clone()).await {
             Ok(set) => {
                 self.last_fetch_failed.store(false, Ordering::Release);
                 self.metrics.jwks_fetches.inc(JwksFetchResult::Ok);
@@ -457,6 +458,7 @@ impl KeyStore {
             Err(e) => {
                 self.last_fetch_failed.store(true, Ordering::Release);
                 self.metrics.jwks_fetches.inc(e.result());
+                crate::telemetry::otel::record_error(&span, e.result().as_label());
                 tracing::warn!(error = %e, url = %remote.url, "JWKS fetch failed; keeping the last good keys");
                 Err(e)
             }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::API_VERSION;
 use crate::config::Secret;
-use crate::telemetry::{ApiEndpoint, ApiResult, Metrics};
+use crate::telemetry::{ApiEndpoint, ApiResult, Label, Metrics};
 
 /// Why a call did not return the resource.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -379,11 +379,16 @@ impl BackendApi {
         };
         let mut attempt = 0;
         loop {
-            let result = self.attempt(&call, bearer).await;
+            let span =
+                crate::telemetry::otel::backend_api_span(call.endpoint.as_label(), &call.method);
+            let attempt_call = self.attempt(&call, bearer);
+            let result = tracing::Instrument::instrument(attempt_call, span.clone()).await;
             let label = match &result {
                 Ok(answer) => answer.result(),
                 Err(e) => e.result(),
             };
+            let status = result.as_ref().ok().map(|a| a.status.as_u16());
+            crate::telemetry::otel::record_backend_api(&span, status, label.as_label());
             self.metrics.clerk_api_requests.inc(call.endpoint, label);
             let retry = match &result {
                 Ok(answer) => answer.retryable(),

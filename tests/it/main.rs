@@ -5,6 +5,7 @@ mod keys;
 mod local_api;
 mod machine;
 mod operations;
+mod otel;
 mod proxy_basics;
 mod sdk_compat;
 mod security;
