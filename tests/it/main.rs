@@ -6,6 +6,7 @@ mod local_api;
 mod machine;
 mod operations;
 mod proxy_basics;
+mod runtime;
 mod sdk_compat;
 mod security;
 mod sessions;
