@@ -18,6 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::fleet::{Fleet, FleetStore};
 use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
+use crate::runtime::{self, RuntimeKind};
 use crate::server::{self, Limits};
 use crate::sessions::{Guard, InMemoryStore, SessionStore};
 use crate::telemetry::Metrics;
@@ -36,7 +37,11 @@ pub struct Listeners {
 impl Listeners {
     /// Binds the configured addresses (the local API's only when it will run).
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
-        let proxy = TcpListener::bind(config.proxy.listen).await.map_err(|e| {
+        let proxy = match config.proxy.runtime {
+            RuntimeKind::PerCore => runtime::bind_reuseport(config.proxy.listen),
+            RuntimeKind::MultiThread => TcpListener::bind(config.proxy.listen).await,
+        }
+        .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("proxy.listen {}: {e}", config.proxy.listen),
@@ -89,6 +94,9 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Tls(String),
+    /// The per-core runtimes could not get their proxy sockets or threads.
+    #[error("proxy.runtime per-core: {0}")]
+    Listen(std::io::Error),
 }
 
 impl App {
@@ -276,8 +284,32 @@ impl App {
         };
         let proxy_addr = listeners.proxy.local_addr().ok();
         let admin_addr = listeners.admin.local_addr().ok();
+        let extra = runtime::extra_proxy_runtimes(
+            self.config.proxy.runtime,
+            self.config.proxy.worker_threads,
+        );
+        let (proxy_listener, per_core) = if extra > 0 {
+            per_core_listeners(listeners.proxy, extra).map_err(AppError::Listen)?
+        } else {
+            (listeners.proxy, Vec::new())
+        };
+        let per_core: Vec<_> = per_core
+            .into_iter()
+            .enumerate()
+            .map(|(i, listener)| {
+                spawn_per_core(
+                    i + 1,
+                    listener,
+                    tls.clone(),
+                    proxy_limits.clone(),
+                    self.proxy.clone(),
+                    stop_rx.clone(),
+                )
+            })
+            .collect::<Result<_, _>>()
+            .map_err(AppError::Listen)?;
         let proxy_server = tokio::spawn(server::serve(
-            listeners.proxy,
+            proxy_listener,
             tls,
             proxy_limits,
             self.proxy.clone(),
@@ -332,8 +364,8 @@ impl App {
                 None
             }
         };
-        let runtime_workers = tokio::runtime::Handle::current().metrics().num_workers();
-        tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, runtime_workers, "clerkgate listening");
+        let runtime_workers = tokio::runtime::Handle::current().metrics().num_workers() + extra;
+        tracing::info!(proxy = ?proxy_addr, admin = ?admin_addr, upstream = %self.config.proxy.upstream, runtime_workers, runtime = ?self.config.proxy.runtime, "clerkgate listening");
 
         shutdown.await;
         self.readiness.start_draining();
@@ -344,6 +376,12 @@ impl App {
         tokio::time::sleep(self.config.shutdown.delay()).await;
         let _ = stop_tx.send(true);
         let mut left = proxy_server.await.unwrap_or(1) + admin_server.await.unwrap_or(1);
+        for thread in per_core {
+            // The per-core runtimes drain on the same signal and deadline as this one.
+            left += tokio::task::spawn_blocking(move || thread.join().unwrap_or(1))
+                .await
+                .unwrap_or(1);
+        }
         if let Some(server) = local_api_server {
             left += server.await.unwrap_or(1);
         }
@@ -361,4 +399,57 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// The proxy listener and `extra` more for the per-core runtimes: sockets of their own bound to
+/// the same address when the listener has `SO_REUSEPORT` (as [`Listeners::bind`] makes it in
+/// the per-core mode), otherwise duplicates of the one socket (a listener bound by a caller).
+fn per_core_listeners(
+    listener: TcpListener,
+    extra: usize,
+) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
+    let addr = listener.local_addr()?;
+    let main = listener.into_std()?;
+    let mut others = Vec::with_capacity(extra);
+    for _ in 0..extra {
+        let own = runtime::bind_reuseport(addr).and_then(|l| l.into_std());
+        others.push(match own {
+            Ok(own) => own,
+            Err(_) => main.try_clone()?,
+        });
+    }
+    Ok((TcpListener::from_std(main)?, others))
+}
+
+/// Starts per-core runtime `index` on its own thread, serving the proxy on `listener` until
+/// `stop` turns true. Joining the thread gives the connections left after its drain.
+fn spawn_per_core(
+    index: usize,
+    listener: std::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    proxy: Arc<Proxy>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<usize>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("clerkgate-rt-{index}"))
+        .spawn(move || {
+            runtime::set_worker(index);
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, index, "per-core runtime cannot listen");
+                        return 0;
+                    }
+                };
+                let stopped = async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                };
+                server::serve(listener, tls, limits, proxy, stopped).await
+            })
+        })
 }

@@ -55,7 +55,13 @@ pub fn main() -> ExitCode {
     let file = cli.config.config.clone();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => match load(file.as_deref()) {
-            Ok(config) => runtime_with(config.proxy.worker_threads, serve(config)),
+            Ok(config) => runtime_with(
+                crate::runtime::main_runtime_threads(
+                    config.proxy.runtime,
+                    config.proxy.worker_threads,
+                ),
+                serve(config),
+            ),
             Err(e) => config_error(&e),
         },
         Command::CheckConfig => match load(file.as_deref()) {
@@ -123,10 +129,7 @@ fn runtime<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 /// pinned core that carried 17.7k proxied req/s at 41 us CPU each, against 10.7k at 67 us for a
 /// one-worker multi-thread runtime (`bench/run.py`, cached token).
 fn runtime_with<F: std::future::Future<Output = ExitCode>>(workers: usize, f: F) -> ExitCode {
-    let workers = match workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = crate::runtime::worker_count(workers);
     let built = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -8,7 +8,8 @@
 //!   identity headers, route policy).
 //! - [`proxy`] is the request path and the upstream client; [`rejection`] the one place that
 //!   maps refusals to responses.
-//! - [`server`] is the accept loop, [`admin`] the health and metrics listener, [`shutdown`] the
+//! - [`server`] is the accept loop, [`runtime`] how many threads run it (multi-thread or one
+//!   runtime per CPU), [`admin`] the health and metrics listener, [`shutdown`] the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
 //! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
 //!   consulted after every verification.
@@ -36,6 +37,7 @@ pub mod fleet;
 pub mod local_api;
 pub mod proxy;
 pub mod rejection;
+pub mod runtime;
 pub mod server;
 pub mod sessions;
 pub mod shutdown;

@@ -128,6 +128,9 @@ impl Body for RequestBody {
 
 type Sender = http1::SendRequest<RequestBody>;
 
+/// Idle lists kept (per-core runtimes beyond this share lists, which stays correct).
+const IDLE_LISTS: usize = 16;
+
 struct Idle {
     sender: Sender,
     since: Instant,
@@ -141,7 +144,11 @@ pub struct UpstreamPool {
     /// The upstream's authority for requests that arrive without `Host` (HTTP/2 clients with
     /// `preserve_host = false`), without a default port, as hyper-util's client sent it.
     host: HeaderValue,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections, one list per per-core runtime ([`crate::runtime::worker`]): a
+    /// connection's task runs on the runtime that dialled it, so it is lent only to requests on
+    /// that runtime. In the multi-thread mode every request uses the first list.
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Idle connections kept per list.
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -210,7 +217,7 @@ impl UpstreamPool {
             connector,
             target,
             host,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..IDLE_LISTS).map(|_| Mutex::new(Vec::new())).collect(),
             max_idle,
             idle_timeout,
         });
@@ -231,9 +238,14 @@ impl UpstreamPool {
         Ok(pool)
     }
 
+    /// This runtime's idle list.
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        Self::locked(&self.idle[crate::runtime::worker() % IDLE_LISTS])
+    }
+
+    fn locked(list: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         // Nothing panics while holding it; a poisoned pool is still a list of connections.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn put(&self, sender: Sender) {
@@ -251,8 +263,9 @@ impl UpstreamPool {
 
     fn reap(&self) {
         let timeout = self.idle_timeout;
-        self.lock()
-            .retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+        for list in &self.idle {
+            Self::locked(list).retain(|c| !c.sender.is_closed() && c.since.elapsed() < timeout);
+        }
     }
 
     /// The most recently used live connection, if any.

@@ -7,6 +7,7 @@ mod machine;
 mod operations;
 mod otel;
 mod proxy_basics;
+mod runtime;
 mod sdk_compat;
 mod security;
 mod sessions;

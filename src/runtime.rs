@@ -1,0 +1,104 @@
+//! How many threads serve the proxy, and how: `proxy.runtime` and `proxy.worker_threads`.
+//!
+//! - `multi-thread` (the default): one tokio runtime with a worker per CPU, work-stealing
+//!   between them. With one CPU it is a current-thread runtime.
+//! - `per-core`: one current-thread runtime per CPU, each accepting proxy connections on its
+//!   own socket bound to the proxy address with `SO_REUSEPORT` (the kernel spreads new
+//!   connections over them), so a connection, its requests and its upstream connections stay
+//!   on one thread: no work stealing, no wakeups across threads. The first runtime also runs
+//!   the admin and local-API listeners and the background tasks (key refresh, fleet).
+//!   State that all requests need (token cache, keys, revocations) is shared between them;
+//!   the upstream pool keeps one idle list per runtime (see [`worker`]).
+//!
+//! See BENCHMARKS.md ("Multi-core") for the measurements behind the default.
+
+use std::cell::Cell;
+
+use serde::{Deserialize, Serialize};
+
+/// `proxy.runtime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeKind {
+    #[default]
+    MultiThread,
+    PerCore,
+}
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The index of the per-core runtime this thread runs (0 outside the per-core mode, and on the
+/// first runtime). Lets shared structures keep per-runtime shards without a lock between them.
+pub fn worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// Marks this thread as running per-core runtime `index`.
+pub(crate) fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// `proxy.worker_threads` resolved: 0 means one per CPU this process may use (the affinity
+/// mask and a cgroup CPU quota are respected by `available_parallelism`).
+pub fn worker_count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// The threads of the main runtime: the per-core mode's first runtime is a current-thread one.
+pub fn main_runtime_threads(kind: RuntimeKind, configured: usize) -> usize {
+    match kind {
+        RuntimeKind::MultiThread => worker_count(configured),
+        RuntimeKind::PerCore => 1,
+    }
+}
+
+/// How many extra per-core runtimes serve the proxy beside the main one.
+pub fn extra_proxy_runtimes(kind: RuntimeKind, configured: usize) -> usize {
+    match kind {
+        RuntimeKind::MultiThread => 0,
+        RuntimeKind::PerCore => worker_count(configured).saturating_sub(1),
+    }
+}
+
+/// Binds a listening socket with `SO_REUSEPORT` (and `SO_REUSEADDR`), so that the per-core
+/// runtimes can each bind their own socket to the same address.
+pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_core_runs_one_main_thread_and_the_rest_beside_it() {
+        assert_eq!(main_runtime_threads(RuntimeKind::PerCore, 4), 1);
+        assert_eq!(extra_proxy_runtimes(RuntimeKind::PerCore, 4), 3);
+        assert_eq!(main_runtime_threads(RuntimeKind::MultiThread, 4), 4);
+        assert_eq!(extra_proxy_runtimes(RuntimeKind::MultiThread, 4), 0);
+        assert_eq!(extra_proxy_runtimes(RuntimeKind::PerCore, 1), 0);
+    }
+
+    #[tokio::test]
+    async fn two_sockets_share_a_reuseport_address() {
+        let first = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind_reuseport(addr).unwrap();
+        assert_eq!(second.local_addr().unwrap(), addr);
+        // A socket without SO_REUSEPORT cannot join them.
+        assert!(std::net::TcpListener::bind(addr).is_err());
+    }
+}
