@@ -176,7 +176,7 @@ pub struct Browser {
     sign_in_url: Option<String>,
     names: sdk::Names,
     auth: Arc<Authenticator>,
-    sessions: Arc<crate::sessions::Guard>,
+    sessions: Arc<crate::revocations::Guard>,
     header_names: CookieNames,
     trust_forwarded: bool,
     accept_cookie: bool,
@@ -221,7 +221,7 @@ impl Browser {
     pub fn new(
         config: &crate::config::Config,
         auth: Arc<Authenticator>,
-        sessions: Arc<crate::sessions::Guard>,
+        sessions: Arc<crate::revocations::Guard>,
         api: Option<Arc<BackendApi>>,
     ) -> Self {
         let pk = config

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
-use crate::sessions::{
+use crate::revocations::{
     Changed, Denied, Guard, InMemoryStore, SessionStore, WebhookClaim, WebhookProgress,
 };
 use crate::telemetry::{FleetDirection, FleetEventKind, Label, Metrics};
@@ -794,7 +794,7 @@ impl SessionStore for FleetStore {
         self.local.denied_sessions()
     }
 
-    fn open_streams(&self) -> &Arc<crate::sessions::OpenStreams> {
+    fn open_streams(&self) -> &Arc<crate::revocations::OpenStreams> {
         self.local.open_streams()
     }
 

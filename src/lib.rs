@@ -10,7 +10,7 @@
 //!   maps refusals to responses.
 //! - [`server`] is the accept loop, [`admin`] the health and metrics listener, [`shutdown`] the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
-//! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
+//! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`revocations`], the deny-list
 //!   consulted after every verification.
 //! - [`browser`] is browser mode: CORS preflights, Clerk's handshake for page loads, sign-in
 //!   redirects.
@@ -36,8 +36,8 @@ pub mod fleet;
 pub mod local_api;
 pub mod proxy;
 pub mod rejection;
+pub mod revocations;
 pub mod server;
-pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

@@ -281,7 +281,7 @@ impl UpstreamBase {
 /// Everything the request path needs, built once.
 pub struct Proxy {
     pub auth: Arc<Authenticator>,
-    sessions: Arc<crate::sessions::Guard>,
+    sessions: Arc<crate::revocations::Guard>,
     webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
@@ -419,7 +419,7 @@ impl Proxy {
     pub fn new(
         config: &crate::config::Config,
         auth: Arc<Authenticator>,
-        sessions: Arc<crate::sessions::Guard>,
+        sessions: Arc<crate::revocations::Guard>,
         webhooks: Arc<crate::webhook::Webhooks>,
         cookie_suffix: Option<&str>,
         metrics: Arc<Metrics>,
@@ -1019,7 +1019,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _lease: pool::Lease,
-    revoked: Option<crate::sessions::StreamHandle>,
+    revoked: Option<crate::revocations::StreamHandle>,
     metrics: Arc<Metrics>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {

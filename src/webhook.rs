@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Secret};
 use crate::fleet::{Fleet, FleetClaim};
-use crate::sessions::{Guard, SessionStore, WebhookClaim, WebhookProgress};
+use crate::revocations::{Guard, SessionStore, WebhookClaim, WebhookProgress};
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
 use signature::{SignatureError, WebhookSecret};
 
@@ -75,7 +75,7 @@ impl Config {
                 "must start with /",
             ));
         }
-        if self.tolerance_seconds > crate::sessions::MAX_RETENTION_SECONDS {
+        if self.tolerance_seconds > crate::revocations::MAX_RETENTION_SECONDS {
             return Err(ConfigError::new(
                 "webhooks.tolerance_seconds",
                 "must be at most 10 years",

@@ -16,7 +16,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::sessions::{Changed, Guard};
+use crate::revocations::{Changed, Guard};
 use crate::telemetry::{Label, WebhookEventType};
 
 /// A parsed event: its type and the fields clerkgate acts on.

@@ -1,5 +1,6 @@
-//! Session state at the edge: the deny-list, the webhook ids already processed, and session
-//! statuses, behind one small interface ([`SessionStore`]).
+//! Revocation state at the edge: the deny-lists and session statuses, behind one small
+//! interface ([`SessionStore`]), and the [`Guard`] the request path consults. (The config
+//! section keeps its user-facing name, `[sessions]`.)
 //!
 //! Clerk session tokens are stateless and live about 60 s, so every SDK keeps accepting a revoked
 //! session until `exp`. clerkgate closes that window: Clerk webhooks (and the Backend API, in
