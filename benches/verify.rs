@@ -143,7 +143,7 @@ fn build_fixture() -> Fixture {
 
     // A bench that silently measured a rejection would be worse than none.
     let first = token::parse(&pool[0]).expect("minted token parses");
-    auth.verifier
+    auth.verifier()
         .verify(&first, &key, now_ms)
         .expect("minted token verifies against its JWK");
     let identity = rt
@@ -196,7 +196,7 @@ fn verify_cold(c: &mut Criterion) {
         b.iter(|| {
             let parsed = token::parse(black_box(next())).expect("token parses");
             fx.auth
-                .verifier
+                .verifier()
                 .verify(&parsed, &fx.key, fx.now_ms)
                 .expect("token verifies")
         })
@@ -209,7 +209,7 @@ fn verify_cold(c: &mut Criterion) {
         b.to_async(&fx.rt).iter_batched(
             || {
                 let t = next();
-                fx.auth.cache.invalidate(&TokenCache::key(t));
+                fx.auth.cache().invalidate(&TokenCache::key(t));
                 t
             },
             |t| async move {
@@ -295,7 +295,7 @@ fn header_rewrite(c: &mut Criterion) {
         .block_on(fx.auth.authenticate(&fx.warm, fx.now_ms))
         .expect("warm token authenticates");
     let request = typical_request(&fx.warm);
-    let reserved = fx.auth.builder.reserved();
+    let reserved = fx.auth.builder().reserved();
     let cookies = CookieNames::new(None);
     // Formatted once per connection by the server (`ConnInfo::peer_ip`).
     let peer = HeaderValue::from_static("10.0.0.7");
@@ -306,7 +306,7 @@ fn header_rewrite(c: &mut Criterion) {
         b.iter_batched(
             || request.clone(),
             |mut h| {
-                insert_identity(&mut h, &identity, &fx.auth.builder, &fx.warm);
+                insert_identity(&mut h, &identity, fx.auth.builder(), &fx.warm);
                 h
             },
             BatchSize::SmallInput,
@@ -321,7 +321,7 @@ fn header_rewrite(c: &mut Criterion) {
                 headers::strip_hop_by_hop(&mut h, false);
                 headers::strip_token(&mut h, &cookies);
                 headers::set_forwarded(&mut h, &peer, false, host.clone(), false);
-                insert_identity(&mut h, &identity, &fx.auth.builder, &fx.warm);
+                insert_identity(&mut h, &identity, fx.auth.builder(), &fx.warm);
                 h
             },
             BatchSize::SmallInput,

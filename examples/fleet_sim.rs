@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clerkgate::fleet::{Config, Fleet, FleetStore};
-use clerkgate::sessions::{InMemoryStore, SessionStore};
+use clerkgate::revocations::{InMemoryStore, SessionStore};
 use clerkgate::telemetry::Metrics;
+use clerkgate::webhook::ledger::LocalLedger;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -33,11 +34,7 @@ async fn main() {
     let mut replicas = Vec::new();
     for _ in 0..=subscribers {
         let metrics = Arc::new(Metrics::new());
-        let local = Arc::new(InMemoryStore::new(
-            day,
-            1_000_000,
-            Duration::from_secs(3600),
-        ));
+        let local = Arc::new(InMemoryStore::new(day, 1_000_000));
         let fleet = Fleet::new(
             &config,
             "https://sim.example",
@@ -48,7 +45,12 @@ async fn main() {
         )
         .expect("fleet");
         tokio::spawn(fleet.clone().run(std::future::pending()));
-        replicas.push((FleetStore::new(local, fleet.clone()), fleet, metrics));
+        let ledger = LocalLedger::new(Duration::from_secs(3600), 1_000_000);
+        replicas.push((
+            FleetStore::new(local, ledger, fleet.clone()),
+            fleet,
+            metrics,
+        ));
     }
     for (_, fleet, _) in &replicas {
         while !fleet.link().is_up() {

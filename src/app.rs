@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::admin::{Admin, Readiness};
 use crate::auth::Authenticator;
 use crate::auth::cache::TokenCache;
+use crate::auth::gate::Gate;
 use crate::auth::identity::IdentityBuilder;
 use crate::auth::jwks::{JwksSettings, KeyStore};
 use crate::auth::verify::Verifier;
@@ -18,11 +19,12 @@ use crate::config::{Config, ConfigError};
 use crate::fleet::{Fleet, FleetStore};
 use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
+use crate::revocations::{Guard, InMemoryStore, SessionStore};
 use crate::runtime::{self, RuntimeKind};
 use crate::server::{self, Limits};
-use crate::sessions::{Guard, InMemoryStore, SessionStore};
 use crate::telemetry::Metrics;
 use crate::webhook::Webhooks;
+use crate::webhook::ledger::{LocalLedger, WebhookLedger};
 use std::time::Duration;
 
 /// The listeners, bound by the caller (`main` from the config, tests on port 0).
@@ -131,19 +133,9 @@ impl App {
             .with_max_token_bytes(config.auth.max_token_bytes),
         );
         // Retain webhook ids well past the Svix tolerance window.
-        let webhook_retention = Duration::from_secs(
-            config
-                .webhooks
-                .tolerance_seconds
-                .saturating_mul(2)
-                .max(3600),
-        );
+        let webhook_retention = crate::webhook::retention(&config.webhooks);
         let retention = Duration::from_secs(config.sessions.duration_seconds);
-        let local = Arc::new(InMemoryStore::new(
-            retention,
-            config.sessions.max_entries,
-            webhook_retention,
-        ));
+        let local = Arc::new(InMemoryStore::new(retention, config.sessions.max_entries));
         let fleet = if config.fleet.enabled() {
             let issuer = instance.issuers.first().map_or("default", String::as_str);
             Some(Fleet::new(
@@ -157,9 +149,15 @@ impl App {
         } else {
             None
         };
-        let store: Arc<dyn SessionStore> = match &fleet {
-            Some(fleet) => Arc::new(FleetStore::new(local, fleet.clone())),
-            None => local,
+        // The fleet store also keeps the webhook ledger, so that its claims hold fleet-wide.
+        let (store, ledger): (Arc<dyn SessionStore>, Option<Arc<dyn WebhookLedger>>) = match &fleet
+        {
+            Some(fleet) => {
+                let ledger = LocalLedger::new(webhook_retention, config.sessions.max_entries);
+                let store = Arc::new(FleetStore::new(local, ledger, fleet.clone()));
+                (store.clone(), Some(store))
+            }
+            None => (local, None),
         };
         let api = match &instance.secret_key {
             Some(secret) => Some(Arc::new(
@@ -186,42 +184,41 @@ impl App {
                 sessions.fail_closed_on(fleet.link());
             }
         }
-        let browser =
-            crate::browser::Browser::new(&config, auth.clone(), sessions.clone(), api.clone());
-        // One Backend API client for the session checks and the local API: Clerk's rate limit
-        // is per instance, so they share its budget and any Retry-After pause.
+        // One Backend API client for the session checks, machine tokens and the local API:
+        // Clerk's rate limit is per instance, so they share its budget and any Retry-After
+        // pause.
         let machine = Arc::new(
             crate::auth::machine::MachineAuth::for_config(&config, &auth, metrics.clone())
                 .with_api(api.clone()),
         );
+        // Every path that accepts a token (proxy, forward-auth, browser mode, the local API's
+        // `tokens/verify`) goes through this one gate.
+        let gate = Arc::new(Gate::new(
+            auth,
+            sessions.clone(),
+            machine,
+            instance.cookie_suffix.as_deref(),
+            config.auth.accept_cookie,
+            metrics.clone(),
+        ));
+        let browser = crate::browser::Browser::new(&config, gate.clone(), api.clone());
         let local_api = match (config.local_api.serves(&config.clerk), api) {
-            (Ok(()), Some(api)) => Some(Arc::new(
-                LocalApi::new(
-                    &config.local_api,
-                    api,
-                    auth.clone(),
-                    sessions.clone(),
-                    metrics.clone(),
-                )
-                .with_machine(machine.clone()),
-            )),
+            (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
+                &config.local_api,
+                api,
+                gate.clone(),
+                sessions.clone(),
+                metrics.clone(),
+            ))),
             _ => None,
         };
-        let webhooks = Arc::new(
-            Webhooks::new(&config, sessions.clone(), metrics.clone())?.with_fleet(fleet.clone()),
-        );
-        let proxy = Arc::new(
-            Proxy::new(
-                &config,
-                auth,
-                sessions,
-                webhooks,
-                instance.cookie_suffix.as_deref(),
-                metrics.clone(),
-            )?
-            .with_browser(browser)
-            .with_machine(machine.clone()),
-        );
+        let mut webhooks = Webhooks::new(&config, sessions.clone(), metrics.clone())?;
+        if let Some(ledger) = ledger {
+            webhooks = webhooks.with_ledger(ledger);
+        }
+        let webhooks = Arc::new(webhooks);
+        let proxy =
+            Arc::new(Proxy::new(&config, gate, webhooks, metrics.clone())?.with_browser(browser));
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());

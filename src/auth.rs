@@ -7,9 +7,13 @@
 //! - [`cache`] remembers verified tokens until they expire.
 //! - [`identity`] turns verified claims into the headers sent upstream.
 //! - [`policy`] matches routes and checks their requirements.
-//! - [`Authenticator`] ties them together for the proxy.
+//! - [`machine`] verifies API keys, M2M and OAuth tokens.
+//! - [`Authenticator`] verifies a session token (cache, then keys plus the pure verifier).
+//! - [`gate`] is the one call every request path makes: extraction, verification, cookie
+//!   freshness, revocation, policy.
 
 pub mod cache;
+pub mod gate;
 pub mod identity;
 pub mod jwks;
 pub mod machine;
@@ -199,12 +203,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Verifies tokens for the proxy: cache first, then keys plus the pure verifier.
+/// Verifies session tokens: cache first, then keys plus the pure verifier. Verification only:
+/// requests go through [`gate::Gate`], which adds the cookie rules, revocation and policy.
 pub struct Authenticator {
-    pub verifier: verify::Verifier,
-    pub keys: Arc<jwks::KeyStore>,
-    pub cache: cache::TokenCache,
-    pub builder: identity::IdentityBuilder,
+    verifier: verify::Verifier,
+    keys: Arc<jwks::KeyStore>,
+    cache: cache::TokenCache,
+    builder: identity::IdentityBuilder,
     metrics: Arc<Metrics>,
     max_token_bytes: usize,
 }
@@ -233,8 +238,24 @@ impl Authenticator {
         self
     }
 
-    /// Verifies one token found in a request. The cookie rules (`__client_uat`) are applied by
-    /// the caller with [`token::check_client_uat`], since they depend on where the token was.
+    pub fn verifier(&self) -> &verify::Verifier {
+        &self.verifier
+    }
+
+    pub fn keys(&self) -> &Arc<jwks::KeyStore> {
+        &self.keys
+    }
+
+    pub fn cache(&self) -> &cache::TokenCache {
+        &self.cache
+    }
+
+    pub fn builder(&self) -> &identity::IdentityBuilder {
+        &self.builder
+    }
+
+    /// Verifies one token: signature and claims, from the cache while still valid. Neither
+    /// the cookie rules (`__client_uat`) nor revocation: callers go through [`gate::Gate`].
     pub async fn authenticate(&self, token: &str, now_ms: u64) -> Result<Arc<Identity>, AuthError> {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::TooLarge);

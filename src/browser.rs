@@ -22,9 +22,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::gate::Gate;
 use crate::auth::identity::Identity;
 use crate::auth::token::{self, Carrier, CookieNames};
-use crate::auth::{AuthError, Authenticator, now_ms};
+use crate::auth::{AuthError, now_ms};
 use crate::clerk::api::{BackendApi, Call};
 use crate::clerk::publishable_key::{InstanceType, PublishableKey};
 use crate::config::ConfigError;
@@ -175,8 +176,8 @@ pub struct Browser {
     handshake: Option<Handshake>,
     sign_in_url: Option<String>,
     names: sdk::Names,
-    auth: Arc<Authenticator>,
-    sessions: Arc<crate::sessions::Guard>,
+    /// Verification and revocation, as on every other path.
+    gate: Arc<Gate>,
     header_names: CookieNames,
     trust_forwarded: bool,
     accept_cookie: bool,
@@ -220,8 +221,7 @@ impl Browser {
     /// secret key). Logs once whether the handshake is effective and why not.
     pub fn new(
         config: &crate::config::Config,
-        auth: Arc<Authenticator>,
-        sessions: Arc<crate::sessions::Guard>,
+        gate: Arc<Gate>,
         api: Option<Arc<BackendApi>>,
     ) -> Self {
         let pk = config
@@ -277,8 +277,7 @@ impl Browser {
                 pk.as_ref().map_or("", |p| p.frontend_api.as_str()),
             ),
             header_names: CookieNames::new(suffix.as_deref()),
-            auth,
-            sessions,
+            gate,
             trust_forwarded: config.proxy.trust_forwarded_headers,
             accept_cookie: config.auth.accept_cookie,
         }
@@ -313,12 +312,10 @@ impl Browser {
         Some(target.into())
     }
 
-    /// Verifies a token with the normal rules: signature and claims (cached), then the
-    /// session deny-list.
+    /// Verifies a token with the normal rules: signature and claims (cached), then
+    /// revocation.
     async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
-        let identity = self.auth.authenticate(token, now_ms()).await?;
-        self.sessions.check(&identity).await?;
-        Ok(identity)
+        self.gate.session(token, now_ms()).await
     }
 
     /// The SDK's decision for a request on a `required` or `optional` route.
@@ -370,13 +367,7 @@ impl Browser {
             Ok(None) => return signed_out(AuthError::Missing, Vec::new()),
             Err(e) => return signed_out(e, Vec::new()),
         };
-        let result = self.verify(found.token).await.and_then(|identity| {
-            if found.carrier == Carrier::Cookie {
-                token::check_client_uat(found.client_uat, identity.iat)?;
-            }
-            Ok(identity)
-        });
-        match result {
+        match self.gate.found(&found, now_ms()).await {
             Ok(identity) => Verdict::SignedIn {
                 identity,
                 token: Cow::Borrowed(found.token),

@@ -18,7 +18,7 @@ use figment::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin, auth, browser, clerk, local_api, proxy, sessions, shutdown, telemetry, webhook,
+    admin, auth, browser, clerk, local_api, proxy, revocations, shutdown, telemetry, webhook,
 };
 
 /// The whole configuration, as composed from the sections.
@@ -34,7 +34,7 @@ pub struct Config {
     pub browser: browser::Config,
     pub cors: browser::cors::Config,
     pub webhooks: webhook::Config,
-    pub sessions: sessions::Config,
+    pub sessions: revocations::Config,
     pub fleet: crate::fleet::Config,
     pub local_api: local_api::Config,
     pub machine: auth::machine::Config,
@@ -264,7 +264,7 @@ impl Config {
         }
         self.browser.validate(self.clerk.secret_key.is_some())?;
         self.cors.validate(&self.clerk.authorized_parties)?;
-        if self.sessions.check == sessions::CheckMode::Api && self.clerk.secret_key.is_none() {
+        if self.sessions.check == revocations::CheckMode::Api && self.clerk.secret_key.is_none() {
             return Err(ConfigError::new(
                 "sessions.check",
                 "\"api\" needs clerk.secret_key (CLERK_SECRET_KEY) to call the Backend API",

@@ -35,10 +35,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
-use crate::sessions::{
-    Changed, Denied, Guard, InMemoryStore, SessionStore, WebhookClaim, WebhookProgress,
+use crate::revocations::{
+    Availability, Changed, Denied, Guard, InMemoryStore, OpenStreams, SessionRef, SessionStatus,
+    SessionStore,
 };
 use crate::telemetry::{FleetDirection, FleetEventKind, Label, Metrics};
+use crate::webhook::ledger::{
+    ClaimFuture, LocalLedger, WebhookClaim, WebhookLedger, WebhookProgress,
+};
 
 /// `[fleet]`: shared session state for a fleet of replicas.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +166,12 @@ impl Link {
 
     pub fn settled(&self) -> bool {
         self.settled.load(Ordering::Acquire)
+    }
+}
+
+impl Availability for Link {
+    fn is_up(&self) -> bool {
+        Link::is_up(self)
     }
 }
 
@@ -433,7 +443,7 @@ impl Fleet {
             for (sid, status) in chunk {
                 pipe.cmd("SET")
                     .arg(self.key("status", sid))
-                    .arg(&**status)
+                    .arg(status.as_str())
                     .arg("NX")
                     .arg("PX")
                     .arg(self.retention_ms)
@@ -622,7 +632,7 @@ impl Fleet {
                 }
             }
             FleetEventKind::SessionStatus => {
-                self.local.set_status(id, arg);
+                self.local.set_status(id, SessionStatus::parse(arg));
                 if let Some(g) = &guard {
                     g.forget(id).await;
                 }
@@ -735,15 +745,56 @@ impl redis::FromRedisValue for StreamRangeIds {
 }
 
 /// The session store of a replica in a fleet: the in-memory store on the hot path, with every
-/// change also sent to the other replicas.
+/// change also sent to the other replicas; and its webhook ledger, whose claims hold
+/// fleet-wide.
 pub struct FleetStore {
     local: Arc<InMemoryStore>,
+    ledger: LocalLedger,
+    /// Ids this replica also claimed in Redis (released there too, in the background). A
+    /// process holds at most one claim per id, so the id is the key.
+    fleet_claims: Mutex<std::collections::HashSet<String>>,
     fleet: Arc<Fleet>,
 }
 
 impl FleetStore {
-    pub fn new(local: Arc<InMemoryStore>, fleet: Arc<Fleet>) -> Self {
-        Self { local, fleet }
+    pub fn new(local: Arc<InMemoryStore>, ledger: LocalLedger, fleet: Arc<Fleet>) -> Self {
+        Self {
+            local,
+            ledger,
+            fleet_claims: Mutex::default(),
+            fleet,
+        }
+    }
+
+    fn fleet_claims(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.fleet_claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This process first, then fleet-wide: one replica acts on a delivery that reached
+    /// several.
+    async fn claim_both(&self, id: &str, wait: Duration) -> WebhookClaim {
+        let mut progress = match self.ledger.claim_local(id, wait).await {
+            WebhookClaim::Won(progress) => progress,
+            other => return other,
+        };
+        match self.fleet.claim_webhook(id, wait).await {
+            FleetClaim::Won(done) => {
+                progress.applied |= done.applied;
+                progress.delivered |= done.delivered;
+                self.fleet_claims().insert(id.to_owned());
+                WebhookClaim::Won(progress)
+            }
+            FleetClaim::Busy => {
+                self.ledger.release(id, progress);
+                WebhookClaim::Busy
+            }
+            FleetClaim::Unavailable if self.fleet.fail_closed() => {
+                self.ledger.release(id, progress);
+                WebhookClaim::Unavailable
+            }
+            // serve_local: applied here, carried to Redis by the re-seed on reconnect.
+            FleetClaim::Unavailable => WebhookClaim::Won(progress),
+        }
     }
 }
 
@@ -760,41 +811,28 @@ impl SessionStore for FleetStore {
             .publish(FleetEventKind::UserRevoked, user_id, at_ms.to_string());
     }
 
-    fn check(&self, identity: &crate::auth::identity::Identity) -> Result<(), Denied> {
-        self.local.check(identity)
+    fn check(&self, session: &SessionRef<'_>) -> Result<(), Denied> {
+        self.local.check(session)
     }
 
-    fn set_status(&self, sid: &str, status: &str) {
+    fn set_status(&self, sid: &str, status: SessionStatus) {
         self.local.set_status(sid, status);
-        self.fleet
-            .publish(FleetEventKind::SessionStatus, sid, status.to_owned());
+        self.fleet.publish(
+            FleetEventKind::SessionStatus,
+            sid,
+            status.as_str().to_owned(),
+        );
     }
 
-    fn status(&self, sid: &str) -> Option<Arc<str>> {
+    fn status(&self, sid: &str) -> Option<SessionStatus> {
         self.local.status(sid)
-    }
-
-    fn webhook_progress(&self, id: &str) -> WebhookProgress {
-        self.local.webhook_progress(id)
-    }
-
-    fn set_webhook_progress(&self, id: &str, progress: WebhookProgress) {
-        self.local.set_webhook_progress(id, progress);
-    }
-
-    fn claim_webhook(&self, id: &str) -> WebhookClaim {
-        self.local.claim_webhook(id)
-    }
-
-    fn release_webhook(&self, id: &str, progress: WebhookProgress) {
-        self.local.release_webhook(id, progress);
     }
 
     fn denied_sessions(&self) -> u64 {
         self.local.denied_sessions()
     }
 
-    fn open_streams(&self) -> &Arc<crate::sessions::OpenStreams> {
+    fn open_streams(&self) -> &Arc<OpenStreams> {
         self.local.open_streams()
     }
 
@@ -807,6 +845,22 @@ impl SessionStore for FleetStore {
                 self.fleet
                     .publish(FleetEventKind::SessionChanged, id, String::new())
             }
+        }
+    }
+}
+
+impl WebhookLedger for FleetStore {
+    fn claim<'a>(&'a self, id: &'a str, wait: Duration) -> ClaimFuture<'a> {
+        Box::pin(self.claim_both(id, wait))
+    }
+
+    fn release(&self, id: &str, progress: WebhookProgress) {
+        // Before the local release: a waiter it wakes may win the id and claim it fleet-wide.
+        let held_in_fleet = self.fleet_claims().remove(id);
+        self.ledger.release(id, progress);
+        if held_in_fleet {
+            let (fleet, id) = (self.fleet.clone(), id.to_owned());
+            tokio::spawn(async move { fleet.release_webhook(&id, progress).await });
         }
     }
 }

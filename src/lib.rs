@@ -4,15 +4,18 @@
 //!
 //! - [`config`] composes the sections each module owns and layers defaults, file and env.
 //! - [`clerk`] holds what is Clerk-specific: the instance, publishable keys, claim decoding.
-//! - [`auth`] turns a request's token into a verified identity (keys, verification, cache,
-//!   identity headers, route policy).
+//! - [`auth`] decides whether a request may pass: [`auth::gate`] is the one call every path
+//!   makes (token extraction, cache or verification, cookie freshness, the revocation check,
+//!   route policy, identity headers), for session and machine tokens alike.
 //! - [`proxy`] is the request path and the upstream client; [`rejection`] the one place that
 //!   maps refusals to responses.
 //! - [`server`] is the accept loop, [`runtime`] how many threads run it (multi-thread or one
 //!   runtime per CPU), [`admin`] the health and metrics listener, [`shutdown`] the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
-//! - [`webhook`] verifies Clerk's Svix-signed webhooks and feeds [`sessions`], the deny-list
-//!   consulted after every verification.
+//! - [`revocations`] holds the deny-lists and session statuses behind one door (the
+//!   `Guard`: a check, and a few typed writes); [`fleet`] shares them across replicas on Redis.
+//! - [`webhook`] verifies Clerk's Svix-signed webhooks, keeps their ids (its `ledger`, for
+//!   idempotency) and feeds [`revocations`].
 //! - [`browser`] is browser mode: CORS preflights, Clerk's handshake for page loads, sign-in
 //!   redirects.
 //! - [`local_api`] is the pod-local Clerk API on a third listener: users and sessions through
@@ -21,9 +24,9 @@
 //!
 //! # Request path
 //!
-//! accept -> normalise path -> strip reserved headers -> route match -> extract token ->
-//! cache or verify -> cookie freshness -> session deny-list -> policy -> set identity headers -> forward -> metrics.
-//! See [`proxy`].
+//! accept -> normalise path -> strip reserved headers -> route match -> gate (extract token ->
+//! cache or verify -> cookie freshness -> revocation -> policy) -> set identity headers ->
+//! forward -> metrics. See [`proxy`] and [`auth::gate`].
 
 pub mod admin;
 pub mod app;
@@ -37,9 +40,9 @@ pub mod fleet;
 pub mod local_api;
 pub mod proxy;
 pub mod rejection;
+pub mod revocations;
 pub mod runtime;
 pub mod server;
-pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;

@@ -52,14 +52,15 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::auth::gate::{Gate, Refusal, Verified};
 use crate::auth::identity::Identity;
 use crate::auth::jwks::Unpublished;
-use crate::auth::{AuthError, Authenticator, now_ms};
+use crate::auth::{AuthError, now_ms};
 use crate::clerk::API_VERSION;
 use crate::clerk::api::{Answer, BackendApi, Call, CallError};
 use crate::config::{ConfigError, Secret};
+use crate::revocations::Guard;
 use crate::server::{ConnInfo, Handler};
-use crate::sessions::Guard;
 use crate::telemetry::{ApiEndpoint, Label, LocalApiRoute, Metrics};
 use cache::{Cached, Caches, ObjectCache};
 use reply::{LocalError, Reply, Throttle};
@@ -382,7 +383,9 @@ enum Edge {
 /// The local API handler.
 pub struct LocalApi {
     api: Arc<BackendApi>,
-    auth: Arc<Authenticator>,
+    /// `tokens/verify`: the proxy's verification, revocation check and machine verifier.
+    gate: Arc<Gate>,
+    /// The revocation writes of user and session writes (ban, lock, delete, revoke).
     sessions: Arc<Guard>,
     caches: Arc<Caches>,
     user_updates: limit::PerKey,
@@ -395,50 +398,14 @@ pub struct LocalApi {
     get_retries: u32,
     max_body: usize,
     metrics: Arc<Metrics>,
-    /// API keys, M2M and OAuth tokens for `POST /v1/tokens/verify` (see [`Self::with_machine`]).
-    machine: Option<Arc<crate::auth::machine::MachineAuth>>,
 }
 
 impl LocalApi {
     /// Builds the handler and registers its caches for webhook-driven invalidation.
-    /// Machine tokens for `POST /v1/tokens/verify` with `accepts` (the proxy's verifier and
-    /// verdict cache).
-    pub fn with_machine(mut self, machine: Arc<crate::auth::machine::MachineAuth>) -> Self {
-        self.machine = Some(machine);
-        self
-    }
-
-    /// `accepts` as on a route: a type not accepted is `token-type-mismatch`; a machine token
-    /// is verified here; a session token returns `None` for the session path.
-    async fn verify_machine_token(
-        &self,
-        token: &str,
-        accepts: crate::auth::machine::Accepts,
-    ) -> Option<Reply> {
-        use crate::auth::machine::{TokenType, classify};
-        let token_type = classify(token);
-        if !accepts.accepts(token_type) {
-            return Some(Reply::token_rejected(AuthError::TypeMismatch));
-        }
-        if token_type == TokenType::SessionToken {
-            return None;
-        }
-        let Some(machine) = &self.machine else {
-            return Some(Reply::token_rejected(AuthError::MachineVerifyUnavailable));
-        };
-        Some(match machine.verify(token, token_type, now_ms()).await {
-            Ok(p) if !p.machine_scope_ok => {
-                Reply::policy_rejected(crate::auth::policy::PolicyError::MachineScopeMissing)
-            }
-            Ok(p) => Reply::ok_json(&p.to_json()),
-            Err(e) => Reply::token_rejected(e),
-        })
-    }
-
     pub fn new(
         config: &Config,
         api: Arc<BackendApi>,
-        auth: Arc<Authenticator>,
+        gate: Arc<Gate>,
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -465,7 +432,7 @@ impl LocalApi {
         });
         Self {
             api,
-            auth,
+            gate,
             sessions,
             caches,
             user_updates: limit::PerKey::new(
@@ -480,7 +447,6 @@ impl LocalApi {
             get_retries: config.get_retries,
             max_body: config.max_body_bytes,
             metrics,
-            machine: None,
         }
     }
 
@@ -793,7 +759,7 @@ impl LocalApi {
         self.caches.users.invalidate(id);
         if edge == Edge::DenyEarlierTokens && may_have_happened(&result) {
             // Tokens issued before now stop working at this edge at once, not at their `exp`.
-            self.sessions.store().deny_user_before(id, now_ms());
+            self.sessions.cut_off_user(id, now_ms());
             tracing::debug!(
                 user = id,
                 "user deleted, banned or locked; earlier tokens denied"
@@ -812,13 +778,12 @@ impl LocalApi {
             .await;
         self.caches.sessions.invalidate(id);
         if may_have_happened(&result) {
-            let store = self.sessions.store();
-            store.deny_session(id);
-            store.set_status(id, "revoked");
-            self.sessions.forget(id).await;
+            self.sessions
+                .revoke_session(id, crate::revocations::SessionStatus::Revoked)
+                .await;
             self.metrics
                 .revoked_sessions
-                .set(store.denied_sessions() as i64);
+                .set(self.sessions.denied_sessions() as i64);
             tracing::debug!(session = id, "session revoked; denied at the edge");
         }
         match result {
@@ -831,7 +796,7 @@ impl LocalApi {
     /// `verifyToken` fetches `{apiUrl}/v1/jwks`. No Backend API call: the JSON is built once
     /// per key fetch.
     fn jwks(&self) -> Reply {
-        match self.auth.keys.published_jwks() {
+        match self.gate.keys().published_jwks() {
             Ok(body) => Reply::clerk_ok(StatusCode::OK, body),
             Err(Unpublished::Pinned) => Reply::error(LocalError::JwksPinned),
             Err(Unpublished::Unavailable) => Reply::error(LocalError::KeysUnavailable),
@@ -852,18 +817,15 @@ impl LocalApi {
         if token.is_empty() {
             return Reply::token_rejected(AuthError::Missing);
         }
-        if !request.accepts.is_session_only()
-            && let Some(reply) = self.verify_machine_token(token, request.accepts).await
+        match self
+            .gate
+            .verify_token(token, request.accepts, now_ms())
+            .await
         {
-            return reply;
-        }
-        let identity = match self.auth.authenticate(token, now_ms()).await {
-            Ok(identity) => identity,
-            Err(e) => return Reply::token_rejected(e),
-        };
-        match self.sessions.check(&identity).await {
-            Ok(()) => Reply::ok_json(&identity_json(&identity, token)),
-            Err(e) => Reply::token_rejected(e),
+            Ok(Verified::Session(identity)) => Reply::ok_json(&identity_json(&identity, token)),
+            Ok(Verified::Machine(principal)) => Reply::ok_json(&principal.to_json()),
+            Err(Refusal::Auth(e)) => Reply::token_rejected(e),
+            Err(Refusal::Policy(e)) => Reply::policy_rejected(e),
         }
     }
 }

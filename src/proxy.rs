@@ -1,8 +1,9 @@
 //! The authenticating reverse proxy: the request path, top to bottom.
 //!
-//! accept -> normalise path -> strip reserved headers -> route match -> extract token ->
-//! cache or verify -> cookie freshness -> policy -> set identity headers -> remove token and
-//! hop-by-hop headers -> forward -> record metrics.
+//! accept -> normalise path -> strip reserved headers -> route match -> the auth gate
+//! ([`crate::auth::gate`]: extract token -> cache or verify -> cookie freshness -> revocation ->
+//! policy) -> set identity headers -> remove token and hop-by-hop headers -> forward -> record
+//! metrics.
 //!
 //! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
 //! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
@@ -25,11 +26,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::identity::{Identity, IdentityBuilder};
-use crate::auth::machine::{self, MachineAuth, TokenType};
-use crate::auth::policy::{AuthMode, Policy, RouteMatch};
-use crate::auth::token::{self, Carrier, CookieNames};
-use crate::auth::{AuthError, Authenticator, SpoofPolicy, now_ms};
+use crate::auth::gate::{Allowed, Decision, Gate};
+use crate::auth::policy::{Policy, RouteMatch};
+use crate::auth::{SpoofPolicy, now_ms};
 use crate::config::ConfigError;
 use crate::rejection::Rejection;
 use crate::server::ConnInfo;
@@ -284,17 +283,15 @@ impl UpstreamBase {
 
 /// Everything the request path needs, built once.
 pub struct Proxy {
-    pub auth: Arc<Authenticator>,
-    sessions: Arc<crate::sessions::Guard>,
+    /// Authentication, revocation and route policy, in one call.
+    gate: Arc<Gate>,
     webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
     /// `headers.strip_request`, normalised (lower-case, `_` as `-`).
     strip_request: Vec<String>,
-    cookies: CookieNames,
     spoof: SpoofPolicy,
     forward_token: bool,
-    accept_cookie: bool,
     upstream: UpstreamBase,
     client: pool_h2::Client,
     upstream_timeout: Duration,
@@ -309,12 +306,8 @@ pub struct Proxy {
     access_log: bool,
     access_user_id: bool,
     metrics: Arc<Metrics>,
-    /// Browser mode (CORS, handshake, sign-in redirects); `None` keeps [`Proxy::decide`] alone.
+    /// Browser mode (CORS, handshake, sign-in redirects); `None` keeps the gate alone.
     browser: Option<crate::browser::Browser>,
-    /// API keys, M2M and OAuth tokens on routes whose `accepts` lists them.
-    machine: Arc<MachineAuth>,
-    /// `X-Clerk-Token-Type: session_token`, sent with every verified session.
-    session_type: (http::HeaderName, HeaderValue),
 }
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -367,74 +360,18 @@ struct UpstreamTime(Duration);
 #[derive(Clone)]
 struct AccessUser(Box<str>);
 
-/// What the auth step decided.
-enum Decision {
-    Allow(Option<Allowed>),
-    Reject(Rejection),
-}
-
-/// A verified request: the (cached) identity and the claims header of this very token, or a
-/// verified machine token.
-enum Allowed {
-    Session {
-        identity: Arc<Identity>,
-        claims: Option<(http::HeaderName, HeaderValue)>,
-    },
-    Machine(Arc<machine::Principal>),
-}
-
-impl Allowed {
-    fn insert_headers(
-        &self,
-        builder: &IdentityBuilder,
-        session_type: &(http::HeaderName, HeaderValue),
-        h: &mut http::HeaderMap,
-    ) {
-        match self {
-            Self::Session { identity, claims } => {
-                identity.insert_headers(builder, h);
-                h.insert(session_type.0.clone(), session_type.1.clone());
-                if let Some((name, value)) = claims {
-                    h.insert(name.clone(), value.clone());
-                }
-            }
-            Self::Machine(principal) => principal.insert_headers(h),
-        }
-    }
-
-    /// The verified session, when it is one.
-    fn session(&self) -> Option<&Arc<Identity>> {
-        match self {
-            Self::Session { identity, .. } => Some(identity),
-            Self::Machine(_) => None,
-        }
-    }
-
-    /// Who, for the debug log.
-    fn subject(&self) -> &str {
-        match self {
-            Self::Session { identity, .. } => identity.user_id(),
-            Self::Machine(principal) => &principal.subject,
-        }
-    }
-}
-
 impl Proxy {
     pub fn new(
         config: &crate::config::Config,
-        auth: Arc<Authenticator>,
-        sessions: Arc<crate::sessions::Guard>,
+        gate: Arc<Gate>,
         webhooks: Arc<crate::webhook::Webhooks>,
-        cookie_suffix: Option<&str>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
         let p = &config.proxy;
         let upstream = p.upstream_base()?;
         let client = pool_h2::Client::new(p, &upstream)?;
-        // Without a Backend API client until `with_machine` (opaque tokens are then 503).
-        let machine = Arc::new(MachineAuth::for_config(config, &auth, metrics.clone()));
         Ok(Self {
-            reserved: auth.builder.reserved().to_vec(),
+            reserved: gate.builder().reserved().to_vec(),
             strip_request: config
                 .headers
                 .strip_request
@@ -442,17 +379,14 @@ impl Proxy {
                 .map(|n| crate::auth::identity::normalise_name(n))
                 .collect(),
             remove_list: answer::RemoveList::new(
-                auth.builder.reserved(),
+                gate.builder().reserved(),
                 config.auth.forward_token,
             ),
-            auth,
-            sessions,
+            gate,
             webhooks,
             policy: Policy::new(&config.routes),
-            cookies: CookieNames::new(cookie_suffix),
             spoof: config.auth.on_spoofed_header,
             forward_token: config.auth.forward_token,
-            accept_cookie: config.auth.accept_cookie,
             upstream,
             client,
             upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
@@ -465,13 +399,6 @@ impl Proxy {
             request_ids: RequestIds::new(p.trust_request_id),
             access_log: config.log.access,
             access_user_id: config.log.access_user_id,
-            machine,
-            session_type: (
-                machine::HeaderNames::new(&config.headers)
-                    .token_type()
-                    .clone(),
-                HeaderValue::from_static("session_token"),
-            ),
             metrics,
             browser: None,
         })
@@ -480,13 +407,6 @@ impl Proxy {
     /// Turns on browser mode ([`crate::browser`]).
     pub fn with_browser(mut self, browser: crate::browser::Browser) -> Self {
         self.browser = Some(browser);
-        self
-    }
-
-    /// The machine-token verifier (with the Backend API client shared with the session checks
-    /// and the local API: one budget, one `Retry-After` pause, one verdict cache).
-    pub fn with_machine(mut self, machine: Arc<MachineAuth>) -> Self {
-        self.machine = machine;
         self
     }
 
@@ -616,103 +536,16 @@ impl Proxy {
         Ok(())
     }
 
-    /// Token, verification, cookie freshness and route requirements.
-    async fn decide(&self, headers: &http::HeaderMap, route: &RouteMatch<'_>) -> Decision {
-        if route.auth == AuthMode::Public {
-            return Decision::Allow(None);
-        }
-        let optional = route.auth == AuthMode::Optional;
-        let extracted = token::extract(headers, &self.cookies, self.accept_cookie);
-        if !route.accepts.is_session_only()
-            && let Some(decision) = self.decide_machine(&extracted, route, optional).await
-        {
-            return decision;
-        }
-        let found = match extracted {
-            Ok(Some(found)) => found,
-            Ok(None) if optional => return Decision::Allow(None),
-            Ok(None) => return Decision::Reject(Rejection::Auth(AuthError::Missing)),
-            Err(e) if optional => {
-                self.metrics.auth_failures.inc(e.failure());
-                return Decision::Allow(None);
-            }
-            Err(e) => return Decision::Reject(Rejection::Auth(e)),
-        };
-        let mut result = self
-            .auth
-            .authenticate(found.token, now_ms())
-            .await
-            .and_then(|identity| {
-                if found.carrier == Carrier::Cookie {
-                    token::check_client_uat(found.client_uat, identity.iat)?;
-                }
-                Ok(identity)
-            });
-        // Revocation is checked after verification on every request, cache hits included.
-        if let Ok(identity) = &result
-            && let Err(e) = self.sessions.check(identity).await
-        {
-            result = Err(e);
-        }
-        let identity = match result {
-            Ok(identity) => identity,
-            // An outage is never hidden behind "anonymous".
-            Err(e) if e.is_outage() => return Decision::Reject(Rejection::Auth(e)),
-            Err(e) if optional => {
-                self.metrics.auth_failures.inc(e.failure());
-                return Decision::Allow(None);
-            }
-            Err(e) => return Decision::Reject(Rejection::Auth(e)),
-        };
-        match route.authorize(&identity) {
-            Ok(()) => Decision::Allow(Some(Allowed::Session {
-                claims: self.auth.builder.claims_header(found.token),
-                identity,
-            })),
-            Err(e) => Decision::Reject(Rejection::Policy(e)),
-        }
-    }
-
-    /// `accepts` as `authenticateRequest` applies `acceptsToken` (a list or `any`): a header
-    /// token of a type not listed (no header token counts as a session token) is
-    /// `token-type-mismatch` before any verification; a machine token is verified here; a
-    /// session token (header or cookie) returns `None`, for the session path.
-    async fn decide_machine(
+    /// The gate's decision for a request on `route`, as of now.
+    async fn decide(
         &self,
-        extracted: &Result<Option<token::Found<'_>>, AuthError>,
+        headers: &http::HeaderMap,
         route: &RouteMatch<'_>,
-        optional: bool,
-    ) -> Option<Decision> {
-        let header_token = match extracted {
-            Ok(Some(found)) if found.carrier == Carrier::Header => Some(found.token),
-            Ok(Some(_)) => None,
-            Ok(None) if optional => return Some(Decision::Allow(None)),
-            Ok(None) => None,
-            // Two `Authorization` headers: the session path refuses them.
-            Err(_) => return None,
-        };
-        let refuse = |e: AuthError| {
-            if optional && !e.is_outage() {
-                self.metrics.auth_failures.inc(e.failure());
-                Decision::Allow(None)
-            } else {
-                Decision::Reject(Rejection::Auth(e))
-            }
-        };
-        let token_type = header_token.map_or(TokenType::SessionToken, machine::classify);
-        if !route.accepts.accepts(token_type) {
-            return Some(refuse(AuthError::TypeMismatch));
+    ) -> Result<Option<Allowed>, Rejection> {
+        match self.gate.decide(headers, route, now_ms()).await {
+            Decision::Allow(allowed) => Ok(allowed),
+            Decision::Refuse(refusal) => Err(refusal.into()),
         }
-        let token = header_token.filter(|_| token_type != TokenType::SessionToken)?;
-        Some(
-            match self.machine.verify(token, token_type, now_ms()).await {
-                Ok(principal) => match route.authorize_machine(&principal) {
-                    Ok(()) => Decision::Allow(Some(Allowed::Machine(principal))),
-                    Err(e) => Decision::Reject(Rejection::Policy(e)),
-                },
-                Err(e) => refuse(e),
-            },
-        )
     }
 
     async fn proxy(
@@ -780,7 +613,7 @@ impl Proxy {
         }
         headers::strip_listed(h, &self.strip_request);
         if !self.forward_token {
-            headers::strip_token(h, &self.cookies);
+            headers::strip_token(h, self.gate.cookies());
         }
         headers::set_forwarded(
             h,
@@ -799,7 +632,7 @@ impl Proxy {
         }
         let outcome = match &identity {
             Some(allowed) => {
-                allowed.insert_headers(&self.auth.builder, &self.session_type, h);
+                self.gate.insert_headers(allowed, h);
                 tracing::debug!(subject = %allowed.subject(), "authenticated");
                 Outcome::Forwarded
             }
@@ -862,7 +695,7 @@ impl Proxy {
             let revoked = identity
                 .as_ref()
                 .and_then(Allowed::session)
-                .map(|session| self.sessions.store().open_streams().register(session));
+                .map(|session| self.gate.watch(session));
             tokio::spawn(tunnel(
                 client_upgrade,
                 upstream_upgrade,
@@ -975,19 +808,19 @@ impl Proxy {
         let preflight = self.forward_auth_preflight(method.as_ref(), req.headers());
         let route = self.policy.route_for(&normalized.matching, method.as_ref());
         let decision = if preflight {
-            Decision::Allow(None)
+            Ok(None)
         } else {
             self.decide(req.headers(), &route).await
         };
         match decision {
-            Decision::Reject(r) => self.reject(r),
-            Decision::Allow(identity) => {
+            Err(r) => self.reject(r),
+            Ok(identity) => {
                 let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
                 *resp.status_mut() = StatusCode::OK;
                 let h = resp.headers_mut();
                 h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 if let Some(allowed) = &identity {
-                    allowed.insert_headers(&self.auth.builder, &self.session_type, h);
+                    self.gate.insert_headers(allowed, h);
                 }
                 // The token reaches the app only with `auth.forward_token`: the answer carries
                 // what the app may see of `Authorization` and `Cookie`, and the ingress sets
@@ -997,7 +830,7 @@ impl Proxy {
                         h.insert(header::AUTHORIZATION, authorization.clone());
                     }
                 } else {
-                    headers::strip_token(req.headers_mut(), &self.cookies);
+                    headers::strip_token(req.headers_mut(), self.gate.cookies());
                 }
                 if let Some(cookies) = answer::joined_cookies(req.headers()) {
                     h.insert(header::COOKIE, cookies);
@@ -1042,7 +875,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _lease: pool::Lease,
-    revoked: Option<crate::sessions::StreamHandle>,
+    revoked: Option<crate::revocations::StreamHandle>,
     metrics: Arc<Metrics>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {

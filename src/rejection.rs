@@ -39,6 +39,16 @@ pub enum Rejection {
     MethodNotAllowed,
 }
 
+impl From<crate::auth::gate::Refusal> for Rejection {
+    fn from(r: crate::auth::gate::Refusal) -> Self {
+        use crate::auth::gate::Refusal;
+        match r {
+            Refusal::Auth(e) => Self::Auth(e),
+            Refusal::Policy(e) => Self::Policy(e),
+        }
+    }
+}
+
 impl Rejection {
     pub fn status(self) -> StatusCode {
         match self {

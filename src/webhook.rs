@@ -8,6 +8,7 @@
 //! Error bodies carry a reason code and nothing from the payload.
 
 pub mod events;
+pub mod ledger;
 pub mod signature;
 
 use std::sync::Arc;
@@ -22,9 +23,9 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, Secret};
-use crate::fleet::{Fleet, FleetClaim};
-use crate::sessions::{Guard, SessionStore, WebhookClaim, WebhookProgress};
+use crate::revocations::Guard;
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
+use ledger::{LocalLedger, WebhookClaim, WebhookLedger, WebhookProgress};
 use signature::{SignatureError, WebhookSecret};
 
 /// `[webhooks]`: the Clerk webhook endpoint.
@@ -75,7 +76,7 @@ impl Config {
                 "must start with /",
             ));
         }
-        if self.tolerance_seconds > crate::sessions::MAX_RETENTION_SECONDS {
+        if self.tolerance_seconds > crate::revocations::MAX_RETENTION_SECONDS {
             return Err(ConfigError::new(
                 "webhooks.tolerance_seconds",
                 "must be at most 10 years",
@@ -108,7 +109,9 @@ pub struct Webhooks {
     /// How long a delivery waits for another delivery of the same id before answering 409
     /// (Svix then retries): Svix gives an endpoint 15 s.
     claim_wait: Duration,
-    fleet: Option<Arc<Fleet>>,
+    /// Which ids were applied and delivered, and who acts on one now (fleet-wide with
+    /// `fleet.redis_url`).
+    ledger: Arc<dyn WebhookLedger>,
     sessions: Arc<Guard>,
     metrics: Arc<Metrics>,
 }
@@ -133,6 +136,12 @@ fn reply(status: StatusCode, key: &str, value: &str) -> Response<Full<Bytes>> {
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// How long webhook ids are remembered: well past the Svix tolerance window (retries come
+/// within it), and at least an hour.
+pub fn retention(config: &Config) -> Duration {
+    Duration::from_secs(config.tolerance_seconds.saturating_mul(2).max(3600))
 }
 
 impl Webhooks {
@@ -184,7 +193,7 @@ impl Webhooks {
             .min(Duration::from_secs(15));
         Ok(Self {
             claim_wait,
-            fleet: None,
+            ledger: Arc::new(LocalLedger::new(retention(w), config.sessions.max_entries)),
             secret,
             path: w.path.clone(),
             max_body: w.max_body_bytes,
@@ -195,9 +204,9 @@ impl Webhooks {
         })
     }
 
-    /// Claim deliveries fleet-wide too (`fleet.redis_url`).
-    pub fn with_fleet(mut self, fleet: Option<Arc<Fleet>>) -> Self {
-        self.fleet = fleet;
+    /// Keeps the `svix-id` table in `ledger` (the fleet's, to claim deliveries fleet-wide).
+    pub fn with_ledger(mut self, ledger: Arc<dyn WebhookLedger>) -> Self {
+        self.ledger = ledger;
         self
     }
 
@@ -285,58 +294,29 @@ impl Webhooks {
         // Verified from here on. Concurrent deliveries of one id (Svix retries overlap) act one
         // at a time: the first claims the id, the others wait for its outcome and then either
         // find the work done (`duplicate`) or, after a failed forward, take their turn.
-        let store = self.sessions.store();
-        let mut claim = loop {
-            match store.claim_webhook(delivery.id) {
-                WebhookClaim::Won(progress) => {
-                    break Claim {
-                        store: store.as_ref(),
-                        id: delivery.id,
-                        progress,
-                        fleet: None,
-                    };
-                }
-                WebhookClaim::Busy(mut released) => {
-                    if tokio::time::timeout(self.claim_wait, released.changed())
-                        .await
-                        .is_err()
-                    {
-                        return self.refuse(
-                            WebhookResult::InProgress,
-                            StatusCode::CONFLICT,
-                            "webhook-in-progress",
-                        );
-                    }
-                }
+        // With a fleet, one replica acts on a delivery that reached several.
+        let mut claim = match self.ledger.claim(delivery.id, self.claim_wait).await {
+            WebhookClaim::Won(progress) => Claim {
+                ledger: self.ledger.as_ref(),
+                id: delivery.id,
+                progress,
+            },
+            WebhookClaim::Busy => {
+                return self.refuse(
+                    WebhookResult::InProgress,
+                    StatusCode::CONFLICT,
+                    "webhook-in-progress",
+                );
+            }
+            // Svix retries a 503; the replicas cannot agree on who acts right now.
+            WebhookClaim::Unavailable => {
+                return self.refuse(
+                    WebhookResult::InProgress,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fleet-unavailable",
+                );
             }
         };
-        // Then fleet-wide: one replica acts on a delivery that reached several.
-        if let Some(fleet) = &self.fleet {
-            match fleet.claim_webhook(delivery.id, self.claim_wait).await {
-                FleetClaim::Won(done) => {
-                    claim.progress.applied |= done.applied;
-                    claim.progress.delivered |= done.delivered;
-                    claim.fleet = Some(fleet.clone());
-                }
-                FleetClaim::Busy => {
-                    return self.refuse(
-                        WebhookResult::InProgress,
-                        StatusCode::CONFLICT,
-                        "webhook-in-progress",
-                    );
-                }
-                // Svix retries a 503; the replicas cannot agree on who acts right now.
-                FleetClaim::Unavailable if fleet.fail_closed() => {
-                    return self.refuse(
-                        WebhookResult::InProgress,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "fleet-unavailable",
-                    );
-                }
-                // serve_local: applied here, carried to Redis by the re-seed on reconnect.
-                FleetClaim::Unavailable => {}
-            }
-        }
         let progress = &mut claim.progress;
         let needs_delivery = self.forwarder.is_some() && !progress.delivered;
         if progress.applied && !needs_delivery {
@@ -362,7 +342,7 @@ impl Webhooks {
             events::apply(&event, &self.sessions, now_ms).await;
             self.metrics
                 .revoked_sessions
-                .set(store.denied_sessions() as i64);
+                .set(self.sessions.denied_sessions() as i64);
             progress.applied = true;
             tracing::info!(event = event.kind.as_label_str(), "webhook applied");
         }
@@ -395,20 +375,14 @@ impl Webhooks {
 /// A held webhook claim; dropping it (the delivery finished, failed, or its client went away
 /// mid-way) records the progress made and releases the id for the next delivery.
 struct Claim<'a> {
-    store: &'a dyn SessionStore,
+    ledger: &'a dyn WebhookLedger,
     id: &'a str,
     progress: WebhookProgress,
-    /// Also held fleet-wide (Redis): released there too, in the background.
-    fleet: Option<Arc<Fleet>>,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        self.store.release_webhook(self.id, self.progress);
-        if let Some(fleet) = self.fleet.take() {
-            let (id, progress) = (self.id.to_owned(), self.progress);
-            tokio::spawn(async move { fleet.release_webhook(&id, progress).await });
-        }
+        self.ledger.release(self.id, self.progress);
     }
 }
 

@@ -421,6 +421,15 @@ impl Identity {
         self.field(Field::UserId).unwrap_or_default()
     }
 
+    /// The facts revocation is checked against (session, user, issue time in ms).
+    pub fn session_ref(&self) -> crate::revocations::SessionRef<'_> {
+        crate::revocations::SessionRef {
+            sid: self.session_id(),
+            user_id: self.user_id(),
+            issued_at_ms: self.iat.map(|s| (s.max(0) as u64).saturating_mul(1000)),
+        }
+    }
+
     /// The session id (`sid`), when the token has one.
     pub fn session_id(&self) -> Option<&str> {
         self.field(Field::SessionId)

@@ -561,8 +561,8 @@ impl MachineAuth {
         Self::new(
             &config.machine,
             &config.headers,
-            auth.keys.clone(),
-            auth.verifier.clone(),
+            auth.keys().clone(),
+            auth.verifier().clone(),
             metrics,
         )
         .with_max_token_bytes(config.auth.max_token_bytes)

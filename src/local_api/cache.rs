@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::StatusCode;
 
-use crate::sessions::{ChangeListener, Changed};
+use crate::revocations::{ChangeListener, Changed};
 
 /// Epoch counters per cache (8 KiB each).
 pub const STRIPES: usize = 1024;

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 
-use super::{Allowed, Decision, Proxy, ProxyBody};
+use super::{Proxy, ProxyBody};
 use crate::auth::AuthError;
+use crate::auth::gate::{Allowed, Decision};
 use crate::auth::policy::{AuthMode, RouteMatch};
 use crate::browser::cors::{self, Cors, PreflightMode};
 use crate::browser::{self, Verdict, sdk};
@@ -123,8 +124,8 @@ impl Proxy {
     ) -> Browsed {
         let Some(b) = &self.browser else {
             return match self.decide(&parts.headers, route).await {
-                Decision::Allow(a) => Ok((a, Extra::default(), None)),
-                Decision::Reject(r) => Err(self.reject(r)),
+                Ok(a) => Ok((a, Extra::default(), None)),
+                Err(r) => Err(self.reject(r)),
             };
         };
         let mut extra = Extra {
@@ -157,8 +158,8 @@ impl Proxy {
         }
         if !b.handshake_on() && !b.has_sign_in_url() {
             return match self.decide(&parts.headers, route).await {
-                Decision::Allow(a) => Ok((a, extra, None)),
-                Decision::Reject(r) => {
+                Ok(a) => Ok((a, extra, None)),
+                Err(r) => {
                     let (mut resp, outcome) = self.reject(r);
                     extra.apply(resp.headers_mut());
                     Err((resp, outcome))
@@ -174,13 +175,13 @@ impl Proxy {
                 .accepts
                 .accepts(crate::auth::machine::TokenType::SessionToken)
                 || matches!(
-                    crate::auth::token::extract(&parts.headers, &self.cookies, false),
+                    crate::auth::token::extract(&parts.headers, self.gate.cookies(), false),
                     Ok(Some(_)) | Err(_)
                 ))
         {
             return match self.decide(&parts.headers, route).await {
-                Decision::Allow(a) => Ok((a, extra, None)),
-                Decision::Reject(r) => {
+                Ok(a) => Ok((a, extra, None)),
+                Err(r) => {
                     let (mut resp, outcome) = self.reject(r);
                     extra.apply(resp.headers_mut());
                     Err((resp, outcome))
@@ -196,13 +197,13 @@ impl Proxy {
                 strip_handshake_params,
             } => {
                 extra.cookies = cookies;
-                let claims = self.auth.builder.claims_header(&token);
+                let decision = self.gate.admit(identity, &token, route);
                 drop(token);
                 extra.strip_handshake_params = strip_handshake_params;
-                match route.authorize(&identity) {
-                    Ok(()) => Ok((Some(Allowed::Session { identity, claims }), extra, None)),
-                    Err(e) => {
-                        let (mut resp, outcome) = self.reject(Rejection::Policy(e));
+                match decision {
+                    Decision::Allow(allowed) => Ok((allowed, extra, None)),
+                    Decision::Refuse(r) => {
+                        let (mut resp, outcome) = self.reject(r.into());
                         extra.apply(resp.headers_mut());
                         Err((resp, outcome))
                     }

@@ -16,7 +16,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::sessions::{Changed, Guard};
+use crate::revocations::{Changed, Guard, SessionStatus};
 use crate::telemetry::{Label, WebhookEventType};
 
 /// A parsed event: its type and the fields clerkgate acts on.
@@ -28,7 +28,7 @@ pub struct Event {
     /// `data.id`.
     pub id: Option<String>,
     /// `data.status` (sessions).
-    pub status: Option<String>,
+    pub status: Option<SessionStatus>,
     /// `data.banned || data.locked` (users).
     pub blocked: bool,
 }
@@ -100,14 +100,13 @@ pub fn parse(body: &[u8]) -> Result<Event, PayloadError> {
         status: data
             .get("status")
             .and_then(Value::as_str)
-            .map(str::to_owned),
+            .map(SessionStatus::parse),
         blocked: flag("banned") || flag("locked"),
     })
 }
 
 /// Applies an event to session state; `now_ms` is the verified delivery time.
 pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
-    let store = sessions.store();
     let Some(id) = event.id.as_deref() else {
         return;
     };
@@ -115,35 +114,33 @@ pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
         WebhookEventType::SessionRevoked
         | WebhookEventType::SessionEnded
         | WebhookEventType::SessionRemoved => {
-            store.deny_session(id);
-            let status = event.status.as_deref().unwrap_or(match event.kind {
-                WebhookEventType::SessionEnded => "ended",
-                WebhookEventType::SessionRemoved => "removed",
-                _ => "revoked",
+            let status = event.status.unwrap_or(match event.kind {
+                WebhookEventType::SessionEnded => SessionStatus::Ended,
+                WebhookEventType::SessionRemoved => SessionStatus::Removed,
+                _ => SessionStatus::Revoked,
             });
-            store.set_status(id, status);
-            sessions.forget(id).await;
+            sessions.revoke_session(id, status).await;
             sessions.changed(Changed::Session(id));
         }
         WebhookEventType::SessionCreated | WebhookEventType::SessionPending => {
-            let status = event.status.as_deref().unwrap_or(
-                if event.kind == WebhookEventType::SessionPending {
-                    "pending"
-                } else {
-                    "active"
-                },
-            );
-            store.set_status(id, status);
-            sessions.forget(id).await;
+            let status =
+                event
+                    .status
+                    .unwrap_or(if event.kind == WebhookEventType::SessionPending {
+                        SessionStatus::Pending
+                    } else {
+                        SessionStatus::Active
+                    });
+            sessions.set_status(id, status).await;
             sessions.changed(Changed::Session(id));
         }
         WebhookEventType::UserDeleted => {
-            store.deny_user_before(id, now_ms);
+            sessions.cut_off_user(id, now_ms);
             sessions.changed(Changed::User(id));
         }
         WebhookEventType::UserUpdated => {
             if event.blocked {
-                store.deny_user_before(id, now_ms);
+                sessions.cut_off_user(id, now_ms);
             }
             sessions.changed(Changed::User(id));
         }

@@ -1,14 +1,21 @@
-//! Session state at the edge: the deny-list, the webhook ids already processed, and session
-//! statuses, behind one small interface ([`SessionStore`]).
+//! Revocation state at the edge: the deny-lists and session statuses, behind one small
+//! interface ([`SessionStore`]), and the [`Guard`] the request path consults. (The config
+//! section keeps its user-facing name, `[sessions]`.)
 //!
 //! Clerk session tokens are stateless and live about 60 s, so every SDK keeps accepting a revoked
 //! session until `exp`. clerkgate closes that window: Clerk webhooks (and the Backend API, in
 //! `api` mode) feed this store, and the proxy consults it after signature verification on every
 //! request, verified-token cache hits included.
 //!
-//! The in-memory store is the default; a fleet will share state through another implementation
-//! of the same trait (Redis), which is why the trait is all the proxy and the webhook handler
-//! see. Every map is bounded, and entries live `duration_seconds` (`CLERK_SESSION_DURATION`).
+//! The in-memory store is the hot path; a fleet shares state through another implementation of
+//! the same trait (`fleet::FleetStore`, Redis), which is why the trait is all the [`Guard`]
+//! sees. Callers outside this module reach the state only through the [`Guard`]: a check, and
+//! the few typed writes the webhook handler and the local API need. Every map is bounded, and
+//! entries live `duration_seconds` (`CLERK_SESSION_DURATION`).
+//!
+//! This module knows nothing of tokens: it is asked about a [`SessionRef`] (session id, user,
+//! issue time) and answers with its own [`RevocationError`], which `auth` maps to its refusals.
+//! Webhook idempotency (the `svix-id` table) lives with the webhook handler.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +23,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::identity::Identity;
 use crate::config::ConfigError;
 
 /// `[sessions]`: how revocation is enforced.
@@ -92,53 +98,121 @@ pub enum CheckMode {
     Off,
 }
 
-/// Why a verified token is no longer accepted.
+/// What a check needs to know about a verified session: built by `auth` from the identity, so
+/// this module never sees tokens or claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRef<'a> {
+    /// `sid`, absent on tokens without a session.
+    pub sid: Option<&'a str>,
+    /// `sub`.
+    pub user_id: &'a str,
+    /// `iat` in milliseconds; `None` is denied by any cut-off of its user.
+    pub issued_at_ms: Option<u64>,
+}
+
+/// A Clerk session status (Clerk's `Session.status`), plus what clerkgate records when Clerk
+/// does not know the session or names a status this version does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionStatus {
+    Active,
+    Pending,
+    Revoked,
+    Ended,
+    Removed,
+    Expired,
+    Abandoned,
+    Replaced,
+    /// The Backend API answered 404: a session Clerk does not know is not active.
+    NotFound,
+    /// A status this version does not know: never active.
+    Unknown,
+}
+
+impl SessionStatus {
+    const ALL: [Self; 10] = [
+        Self::Active,
+        Self::Pending,
+        Self::Revoked,
+        Self::Ended,
+        Self::Removed,
+        Self::Expired,
+        Self::Abandoned,
+        Self::Replaced,
+        Self::NotFound,
+        Self::Unknown,
+    ];
+
+    /// Clerk's spelling (and the fleet's wire form).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Pending => "pending",
+            Self::Revoked => "revoked",
+            Self::Ended => "ended",
+            Self::Removed => "removed",
+            Self::Expired => "expired",
+            Self::Abandoned => "abandoned",
+            Self::Replaced => "replaced",
+            Self::NotFound => "not_found",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Parses Clerk's spelling; anything else is [`Self::Unknown`].
+    pub fn parse(s: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .unwrap_or(Self::Unknown)
+    }
+
+    /// Whether tokens of a session in this status are accepted (`pending` is the verifier's
+    /// business: `auth.pending_as_signed_out`).
+    pub fn accepts_tokens(self) -> bool {
+        matches!(self, Self::Active | Self::Pending)
+    }
+}
+
+/// The store's answer: why a session is on a deny-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
     Session,
     User,
 }
 
-/// What happened to a webhook id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WebhookProgress {
-    /// The local state change was applied.
-    pub applied: bool,
-    /// The event reached the upstream (or forwarding is off).
-    pub delivered: bool,
+/// The [`Guard`]'s answer: why a verified token is no longer accepted, or why that cannot be
+/// told now. `auth` maps it to its own refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RevocationError {
+    /// The session was revoked, ended or removed (or is otherwise not active).
+    #[error("session revoked or ended")]
+    SessionRevoked,
+    /// The user was deleted, banned or locked after the token was issued.
+    #[error("user deleted, banned or locked")]
+    UserRevoked,
+    /// The state cannot be checked now (Backend API or fleet store unavailable).
+    #[error("session state cannot be checked")]
+    Unavailable,
 }
 
-/// The answer to "may I process this webhook id?".
-pub enum WebhookClaim {
-    /// This caller holds the claim until it calls [`SessionStore::release_webhook`]; the
-    /// progress is what earlier deliveries of the id completed.
-    Won(WebhookProgress),
-    /// Another caller holds the claim. The receiver's `changed()` returns (with an error)
-    /// when that claim is released: then claim again and read its outcome.
-    Busy(tokio::sync::watch::Receiver<()>),
+/// Whether shared state can be trusted right now (the fleet store's link, under
+/// `fleet.on_unavailable = "fail_closed"`).
+pub trait Availability: Send + Sync {
+    fn is_up(&self) -> bool;
 }
 
-/// The interface the proxy and the webhook handler use.
+/// The interface behind the [`Guard`]: the in-memory store, or the fleet store around it.
 pub trait SessionStore: Send + Sync {
     /// Denies a session id from now on.
     fn deny_session(&self, sid: &str);
     /// Denies every token of a user issued before `at_ms` (deletion, ban, lock).
     fn deny_user_before(&self, user_id: &str, at_ms: u64);
-    /// Checks a verified identity against the deny-lists. Hot path: no I/O.
-    fn check(&self, identity: &Identity) -> Result<(), Denied>;
+    /// Checks a verified session against the deny-lists. Hot path: no I/O.
+    fn check(&self, session: &SessionRef<'_>) -> Result<(), Denied>;
     /// Records a session's status (from a webhook or the Backend API).
-    fn set_status(&self, sid: &str, status: &str);
+    fn set_status(&self, sid: &str, status: SessionStatus);
     /// A recorded session status.
-    fn status(&self, sid: &str) -> Option<Arc<str>>;
-    /// Progress of a webhook id (default when never seen).
-    fn webhook_progress(&self, id: &str) -> WebhookProgress;
-    fn set_webhook_progress(&self, id: &str, progress: WebhookProgress);
-    /// Claims a webhook id atomically: of concurrent deliveries of one id (Svix retries do
-    /// overlap) exactly one wins and acts; the others wait for its outcome. A shared store
-    /// must offer the same guarantee across replicas.
-    fn claim_webhook(&self, id: &str) -> WebhookClaim;
-    /// Records the winner's progress and releases its claim, waking the waiters.
-    fn release_webhook(&self, id: &str, progress: WebhookProgress);
+    fn status(&self, sid: &str) -> Option<SessionStatus>;
     /// Denied sessions currently held (for the gauge).
     fn denied_sessions(&self) -> u64;
     /// A Clerk object changed (caches elsewhere must drop it); a shared store tells the other
@@ -190,16 +264,16 @@ impl OpenStreams {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a stream opened by `identity`.
-    pub fn register(self: &Arc<Self>, identity: &Identity) -> StreamHandle {
+    /// Registers a stream opened by `session`.
+    pub fn register(self: &Arc<Self>, session: &SessionRef<'_>) -> StreamHandle {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = Arc::new(tokio::sync::Notify::new());
         self.lock().insert(
             id,
             OpenStream {
-                session: identity.session_id().map(str::to_owned),
-                user: identity.user_id().to_owned(),
-                issued_ms: identity.iat.map(|s| (s.max(0) as u64).saturating_mul(1000)),
+                session: session.sid.map(str::to_owned),
+                user: session.user_id.to_owned(),
+                issued_ms: session.issued_at_ms,
                 close: close.clone(),
             },
         );
@@ -248,17 +322,14 @@ impl OpenStreams {
 pub struct Held {
     pub sessions: Vec<String>,
     pub users: Vec<(String, u64)>,
-    pub statuses: Vec<(String, Arc<str>)>,
+    pub statuses: Vec<(String, SessionStatus)>,
 }
 
 /// The default, per-process store.
 pub struct InMemoryStore {
     sessions: moka::sync::Cache<String, ()>,
     users: moka::sync::Cache<String, u64>,
-    statuses: moka::sync::Cache<String, Arc<str>>,
-    webhooks: moka::sync::Cache<String, WebhookProgress>,
-    /// Webhook ids being processed now; dropping the sender wakes every waiter.
-    claims: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<()>>>,
+    statuses: moka::sync::Cache<String, SessionStatus>,
     /// Set once anything was ever denied: until then the hot path skips both lookups.
     any_denied: AtomicBool,
     /// Tunnels to close when their session or user is denied (by whatever path).
@@ -266,14 +337,12 @@ pub struct InMemoryStore {
 }
 
 impl InMemoryStore {
-    /// `webhook_retention` must cover the Svix tolerance window (and retries within it).
-    pub fn new(duration: Duration, max_entries: u64, webhook_retention: Duration) -> Self {
+    /// Entries live `duration`; each map holds at most `max_entries`.
+    pub fn new(duration: Duration, max_entries: u64) -> Self {
         Self {
             sessions: bounded(max_entries, duration),
             users: bounded(max_entries, duration),
             statuses: bounded(max_entries, duration),
-            webhooks: bounded(max_entries, webhook_retention),
-            claims: std::sync::Mutex::new(std::collections::HashMap::new()),
             any_denied: AtomicBool::new(false),
             streams: Arc::default(),
         }
@@ -296,7 +365,7 @@ impl InMemoryStore {
 /// A bounded map that always admits a new entry and, when full, drops the least recently
 /// used one. moka's default TinyLFU policy would instead refuse a new key that is no more
 /// popular than those held: the newest revocation would be the one lost.
-fn bounded<V: Clone + Send + Sync + 'static>(
+pub(crate) fn bounded<V: Clone + Send + Sync + 'static>(
     max_entries: u64,
     ttl: Duration,
 ) -> moka::sync::Cache<String, V> {
@@ -325,60 +394,31 @@ impl SessionStore for InMemoryStore {
         self.streams.close_user_before(user_id, at);
     }
 
-    fn check(&self, identity: &Identity) -> Result<(), Denied> {
+    fn check(&self, session: &SessionRef<'_>) -> Result<(), Denied> {
         if !self.any_denied.load(Ordering::Acquire) {
             return Ok(());
         }
-        if let Some(sid) = identity.session_id()
+        if let Some(sid) = session.sid
             && self.sessions.contains_key(sid)
         {
             return Err(Denied::Session);
         }
-        if let Some(cutoff_ms) = self.users.get(identity.user_id()) {
+        if let Some(cutoff_ms) = self.users.get(session.user_id) {
             // Tokens issued at or after the cut-off (a new sign-in after an unban) pass; no
             // `iat` means we cannot tell, so deny.
-            let issued_ms = identity.iat.map(|s| (s.max(0) as u64).saturating_mul(1000));
-            if issued_ms.is_none_or(|iat| iat < cutoff_ms) {
+            if session.issued_at_ms.is_none_or(|iat| iat < cutoff_ms) {
                 return Err(Denied::User);
             }
         }
         Ok(())
     }
 
-    fn set_status(&self, sid: &str, status: &str) {
-        self.statuses.insert(sid.to_owned(), Arc::from(status));
+    fn set_status(&self, sid: &str, status: SessionStatus) {
+        self.statuses.insert(sid.to_owned(), status);
     }
 
-    fn status(&self, sid: &str) -> Option<Arc<str>> {
+    fn status(&self, sid: &str) -> Option<SessionStatus> {
         self.statuses.get(sid)
-    }
-
-    fn webhook_progress(&self, id: &str) -> WebhookProgress {
-        self.webhooks.get(id).unwrap_or_default()
-    }
-
-    fn set_webhook_progress(&self, id: &str, progress: WebhookProgress) {
-        self.webhooks.insert(id.to_owned(), progress);
-    }
-
-    fn claim_webhook(&self, id: &str) -> WebhookClaim {
-        // Nothing panics under this lock; a poisoned map is still the set of claims.
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = claims.get(id) {
-            return WebhookClaim::Busy(held.subscribe());
-        }
-        claims.insert(id.to_owned(), tokio::sync::watch::Sender::new(()));
-        drop(claims);
-        WebhookClaim::Won(self.webhook_progress(id))
-    }
-
-    fn release_webhook(&self, id: &str, progress: WebhookProgress) {
-        // Progress first, so a waiter woken by the release reads the outcome.
-        self.set_webhook_progress(id, progress);
-        self.claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
     }
 
     fn denied_sessions(&self) -> u64 {
@@ -406,20 +446,26 @@ pub trait ChangeListener: Send + Sync {
     fn changed(&self, what: Changed<'_>);
 }
 
-/// What the proxy calls after verification: the deny-lists, and in `api` mode the session's
-/// status from the Backend API (cached, concurrent misses coalesced into one call).
+/// The one door into revocation state: what authentication calls after verification (the
+/// deny-lists, and in `api` mode the session's status from the Backend API), and the typed
+/// writes of the webhook handler and the local API.
+///
+/// Session statuses live in the store (webhook-reported, shared with the fleet, kept for the
+/// retention). In `api` mode the Backend API's answers are held separately for
+/// `status_ttl_seconds` only, with concurrent misses coalesced into one call: they are a
+/// short-lived answer cache that must expire quickly, never state to share or re-seed.
 pub struct Guard {
     mode: CheckMode,
     store: Arc<dyn SessionStore>,
     api: Option<Arc<crate::clerk::api::BackendApi>>,
-    statuses: moka::future::Cache<String, Arc<str>>,
+    api_answers: moka::future::Cache<String, SessionStatus>,
     timeout: Duration,
     fail_open: bool,
     metrics: Arc<crate::telemetry::Metrics>,
     listener: std::sync::OnceLock<Arc<dyn ChangeListener>>,
     /// The fleet store's link, when `fleet.on_unavailable = "fail_closed"`: while it is down,
     /// session-bearing requests are refused (503) instead of served from local state alone.
-    fail_closed_link: std::sync::OnceLock<Arc<crate::fleet::Link>>,
+    fail_closed_link: std::sync::OnceLock<Arc<dyn Availability>>,
 }
 
 impl Guard {
@@ -433,7 +479,7 @@ impl Guard {
             mode: config.check,
             store,
             api,
-            statuses: moka::future::Cache::builder()
+            api_answers: moka::future::Cache::builder()
                 .max_capacity(config.max_entries)
                 .time_to_live(Duration::from_secs(config.status_ttl_seconds.max(1)))
                 .build(),
@@ -447,12 +493,38 @@ impl Guard {
 
     /// Refuse session-bearing requests while `link` is down (`fleet.on_unavailable =
     /// "fail_closed"`). Set once at start-up.
-    pub fn fail_closed_on(&self, link: Arc<crate::fleet::Link>) {
+    pub fn fail_closed_on(&self, link: Arc<dyn Availability>) {
         let _ = self.fail_closed_link.set(link);
     }
 
-    pub fn store(&self) -> &Arc<dyn SessionStore> {
-        &self.store
+    /// Revokes a session (a webhook's `session.revoked`/`ended`/`removed`, or the local API's
+    /// revoke): denied from now on, with `status` recorded and any cached answer dropped.
+    pub async fn revoke_session(&self, sid: &str, status: SessionStatus) {
+        self.store.deny_session(sid);
+        self.store.set_status(sid, status);
+        self.forget(sid).await;
+    }
+
+    /// Denies every token of `user_id` issued before `at_ms` (deletion, ban, lock).
+    pub fn cut_off_user(&self, user_id: &str, at_ms: u64) {
+        self.store.deny_user_before(user_id, at_ms);
+    }
+
+    /// Records a session's status reported by a webhook (and drops any cached answer).
+    pub async fn set_status(&self, sid: &str, status: SessionStatus) {
+        self.store.set_status(sid, status);
+        self.forget(sid).await;
+    }
+
+    /// Denied sessions currently held (for the gauge).
+    pub fn denied_sessions(&self) -> u64 {
+        self.store.denied_sessions()
+    }
+
+    /// Registers a long-lived stream (a WebSocket tunnel) of `session`: the handle resolves
+    /// `closed()` when the session or its user is revoked, here or on another replica.
+    pub fn watch(&self, session: &SessionRef<'_>) -> StreamHandle {
+        self.store.open_streams().register(session)
     }
 
     /// Registers the listener told about webhook-reported changes. Set once at start-up; a
@@ -475,13 +547,14 @@ impl Guard {
         }
     }
 
-    /// Forgets a cached status (a webhook changed it).
+    /// Forgets a cached Backend API answer (a webhook changed the status).
     pub async fn forget(&self, sid: &str) {
-        self.statuses.invalidate(sid).await;
+        self.api_answers.invalidate(sid).await;
     }
 
-    pub async fn check(&self, identity: &Identity) -> Result<(), crate::auth::AuthError> {
-        use crate::auth::AuthError;
+    /// Whether `session` is still accepted. Hot path: the deny-lists are in memory; only `api`
+    /// mode may wait, on a status the Backend API has not answered within `status_ttl_seconds`.
+    pub async fn check(&self, session: &SessionRef<'_>) -> Result<(), RevocationError> {
         use crate::telemetry::SessionCheckResult as R;
         if self.mode == CheckMode::Off {
             return Ok(());
@@ -490,21 +563,20 @@ impl Guard {
             && !link.is_up()
         {
             self.metrics.session_checks.inc(R::Unavailable);
-            return Err(AuthError::SessionCheckUnavailable);
+            return Err(RevocationError::Unavailable);
         }
-        match self.store.check(identity) {
+        match self.store.check(session) {
             Ok(()) => {}
             Err(Denied::Session) => {
                 self.metrics.session_checks.inc(R::SessionRevoked);
-                return Err(AuthError::SessionRevoked);
+                return Err(RevocationError::SessionRevoked);
             }
             Err(Denied::User) => {
                 self.metrics.session_checks.inc(R::UserRevoked);
-                return Err(AuthError::UserRevoked);
+                return Err(RevocationError::UserRevoked);
             }
         }
-        let (CheckMode::Api, Some(api), Some(sid)) = (self.mode, &self.api, identity.session_id())
-        else {
+        let (CheckMode::Api, Some(api), Some(sid)) = (self.mode, &self.api, session.sid) else {
             return Ok(());
         };
         let status = match self.store.status(sid) {
@@ -515,16 +587,16 @@ impl Guard {
                 let fetch = async move {
                     api.get_session(&id)
                         .await
-                        .map(|s| Arc::<str>::from(s.status.as_str()))
+                        .map(|s| SessionStatus::parse(&s.status))
                         .or_else(|e| match e {
                             // A session Clerk does not know is not active.
-                            crate::clerk::api::ApiError::NotFound => Ok(Arc::from("not_found")),
+                            crate::clerk::api::ApiError::NotFound => Ok(SessionStatus::NotFound),
                             e => Err(e),
                         })
                 };
                 match tokio::time::timeout(
                     self.timeout,
-                    self.statuses.try_get_with(sid.to_owned(), fetch),
+                    self.api_answers.try_get_with(sid.to_owned(), fetch),
                 )
                 .await
                 {
@@ -535,13 +607,13 @@ impl Guard {
             }
         };
         match status {
-            Ok(status) if &*status == "active" || &*status == "pending" => {
+            Ok(status) if status.accepts_tokens() => {
                 self.metrics.session_checks.inc(R::Allowed);
                 Ok(())
             }
             Ok(_) => {
                 self.metrics.session_checks.inc(R::Inactive);
-                Err(AuthError::SessionRevoked)
+                Err(RevocationError::SessionRevoked)
             }
             Err(why) if self.fail_open => {
                 tracing::warn!(error = %why, "session check failed; failing open as configured");
@@ -551,7 +623,7 @@ impl Guard {
             Err(why) => {
                 tracing::warn!(error = %why, "session check failed; refusing (sessions.fail_open = false)");
                 self.metrics.session_checks.inc(R::Unavailable);
-                Err(AuthError::SessionCheckUnavailable)
+                Err(RevocationError::Unavailable)
             }
         }
     }
@@ -560,49 +632,38 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::identity::IdentityParts;
 
-    fn identity(sub: &str, sid: Option<&str>, iat: Option<i64>) -> Identity {
-        Identity::new(IdentityParts {
+    fn session<'a>(sub: &'a str, sid: Option<&'a str>, iat: Option<i64>) -> SessionRef<'a> {
+        SessionRef {
+            sid,
             user_id: sub,
-            session_id: sid,
-            iat,
-            ..IdentityParts::default()
-        })
+            issued_at_ms: iat.map(|s| (s.max(0) as u64).saturating_mul(1000)),
+        }
     }
 
     fn store() -> InMemoryStore {
-        InMemoryStore::new(Duration::from_secs(60), 100, Duration::from_secs(600))
+        InMemoryStore::new(Duration::from_secs(60), 100)
     }
 
     #[test]
     fn a_full_deny_list_keeps_the_newest_revocations() {
-        let s = InMemoryStore::new(Duration::from_secs(60), 20, Duration::from_secs(600));
-        let done = WebhookProgress {
-            applied: true,
-            delivered: true,
-        };
+        let s = InMemoryStore::new(Duration::from_secs(60), 20);
         for i in 0..60 {
-            s.deny_session(&format!("sess_{i}"));
-            s.deny_user_before(&format!("user_{i}"), 5_000);
-            s.set_webhook_progress(&format!("msg_{i}"), done);
+            let sid = format!("sess_{i}");
+            let user = format!("user_{i}");
+            s.deny_session(&sid);
+            s.deny_user_before(&user, 5_000);
             // Eviction runs in moka's maintenance; run it as a busy process would.
             s.sessions.run_pending_tasks();
             s.users.run_pending_tasks();
-            s.webhooks.run_pending_tasks();
-            let latest = identity("user_x", Some(&format!("sess_{i}")), Some(1));
+            let latest = session("user_x", Some(&sid), Some(1));
             assert_eq!(
                 s.check(&latest),
                 Err(Denied::Session),
                 "revocation {i} dropped"
             );
-            let banned = identity(&format!("user_{i}"), None, Some(1));
+            let banned = session(&user, None, Some(1));
             assert_eq!(s.check(&banned), Err(Denied::User), "ban {i} dropped");
-            assert_eq!(
-                s.webhook_progress(&format!("msg_{i}")),
-                done,
-                "webhook id {i} forgotten"
-            );
         }
         assert!(s.denied_sessions() <= 20, "the bound holds");
     }
@@ -610,65 +671,42 @@ mod tests {
     #[test]
     fn denied_sessions_and_users_are_refused() {
         let s = store();
-        let ok = identity("user_1", Some("sess_1"), Some(1_000));
+        let ok = session("user_1", Some("sess_1"), Some(1_000));
         assert_eq!(s.check(&ok), Ok(()));
         s.deny_session("sess_1");
         assert_eq!(s.check(&ok), Err(Denied::Session));
         assert_eq!(
-            s.check(&identity("user_1", Some("sess_2"), Some(1_000))),
+            s.check(&session("user_1", Some("sess_2"), Some(1_000))),
             Ok(())
         );
         s.deny_user_before("user_2", 2_000_000);
         assert_eq!(
-            s.check(&identity("user_2", Some("sess_3"), Some(1_999))),
+            s.check(&session("user_2", Some("sess_3"), Some(1_999))),
             Err(Denied::User)
         );
         assert_eq!(
-            s.check(&identity("user_2", Some("sess_4"), Some(2_000))),
+            s.check(&session("user_2", Some("sess_4"), Some(2_000))),
             Ok(()),
             "new sign-in after the cut-off"
         );
-        assert_eq!(s.check(&identity("user_2", None, None)), Err(Denied::User));
+        assert_eq!(s.check(&session("user_2", None, None)), Err(Denied::User));
     }
 
     #[test]
-    fn webhook_progress_is_remembered() {
+    fn statuses_round_trip_clerks_spelling() {
+        for status in SessionStatus::ALL {
+            assert_eq!(SessionStatus::parse(status.as_str()), status);
+        }
+        assert_eq!(SessionStatus::parse("frozen"), SessionStatus::Unknown);
+        assert_eq!(SessionStatus::parse("Active"), SessionStatus::Unknown);
+        let accepted: Vec<_> = SessionStatus::ALL
+            .into_iter()
+            .filter(|s| s.accepts_tokens())
+            .collect();
+        assert_eq!(accepted, [SessionStatus::Active, SessionStatus::Pending]);
         let s = store();
-        assert_eq!(s.webhook_progress("msg_1"), WebhookProgress::default());
-        let p = WebhookProgress {
-            applied: true,
-            delivered: false,
-        };
-        s.set_webhook_progress("msg_1", p);
-        assert_eq!(s.webhook_progress("msg_1"), p);
-    }
-
-    #[tokio::test]
-    async fn one_claim_per_webhook_id_and_waiters_see_the_outcome() {
-        let s = store();
-        let WebhookClaim::Won(first) = s.claim_webhook("msg_1") else {
-            panic!("the first claim wins");
-        };
-        assert_eq!(first, WebhookProgress::default());
-        let WebhookClaim::Busy(mut waiter) = s.claim_webhook("msg_1") else {
-            panic!("a second claim while the first is held must wait");
-        };
-        assert!(
-            matches!(s.claim_webhook("msg_2"), WebhookClaim::Won(_)),
-            "other ids are independent"
-        );
-        let done = WebhookProgress {
-            applied: true,
-            delivered: true,
-        };
-        s.release_webhook("msg_1", done);
-        tokio::time::timeout(Duration::from_secs(1), waiter.changed())
-            .await
-            .expect("the release wakes the waiter")
-            .expect_err("the claim's sender is gone");
-        let WebhookClaim::Won(after) = s.claim_webhook("msg_1") else {
-            panic!("released: the next claim wins");
-        };
-        assert_eq!(after, done, "and reads the winner's outcome");
+        s.set_status("sess_1", SessionStatus::Ended);
+        assert_eq!(s.status("sess_1"), Some(SessionStatus::Ended));
+        assert_eq!(s.status("sess_2"), None);
     }
 }
