@@ -1,4 +1,5 @@
 mod browser;
+mod cli;
 mod fleet;
 mod ingress;
 mod keys;
