@@ -7,6 +7,7 @@ mod local_api;
 mod machine;
 mod operations;
 mod otel;
+mod properties;
 mod proxy_basics;
 mod runtime;
 mod sdk_compat;

@@ -9,11 +9,6 @@
 //!   path; `strip_reserved` leaves nothing reserved and nothing else changed.
 //! - [`regressions`]: inputs the fuzzers found, replayed.
 
-#[path = "../support/mod.rs"]
-// Each test binary uses a different subset of the shared support re-exports.
-#[allow(unused_imports)]
-mod support;
-
 mod pure;
 mod regressions;
 mod requests;

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 
+use super::{cases, fold};
 use crate::support::{FakeClerk, Sidecar, SigningKey, Upstream};
-use crate::{cases, fold};
 
 /// Routes: `/public/**` public, `/feed/**` optional, everything else required.
 const ROUTES: &str = r#"
