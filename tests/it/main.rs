@@ -1,5 +1,6 @@
 mod browser;
 mod cli;
+mod faults;
 mod fleet;
 mod ingress;
 mod keys;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::common::{get, start_with_upstream_url, wait_ready};
+use super::common::{get, start_with_upstream_url, wait_ready};
 use crate::support::{FakeClerk, Sidecar};
 
 #[derive(Clone, Copy)]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::common::{Answer, WAIT, get, http, metric, metrics_text, readyz, sample};
-use crate::fakes::{Door, Mode};
+use super::common::{Answer, WAIT, get, http, metric, metrics_text, readyz, sample};
+use super::fakes::{Door, Mode};
 use crate::support::{
     Endpoint, Failure, FakeClerk, Sidecar, Upstream, client, eventually, user_json,
 };

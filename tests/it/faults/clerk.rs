@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use clerkgate::dev::signing::jwks_json;
 
-use crate::common::{
+use super::common::{
     Answer, WAIT, admin, get, metric, metrics_text, readyz, sample, start_unready, wait_ready,
 };
-use crate::fakes::{Door, Mode};
+use super::fakes::{Door, Mode};
 use crate::support::{FakeClerk, Sidecar, SigningKey, Upstream, eventually};
 
 /// One JWKS fault and the `clerkgate_jwks_fetches_total` result it must be counted as.

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{WAIT, http};
-use crate::fakes::{Door, Mode};
+use super::common::{WAIT, http};
+use super::fakes::{Door, Mode};
 use crate::support::{FakeClerk, Upstream, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_clerkgate");

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use crate::common::{Answer, admin, get, http, metric, start_with_upstream_url, wait_ready};
-use crate::fakes::{Behavior, Door, Mode, NORMAL_BODY, RawUpstream};
+use super::common::{Answer, admin, get, http, metric, start_with_upstream_url, wait_ready};
+use super::fakes::{Behavior, Door, Mode, NORMAL_BODY, RawUpstream};
 use crate::support::{FakeClerk, Sidecar, Upstream};
 
 fn errors(kind: &str) -> String {
