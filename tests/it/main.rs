@@ -2,6 +2,7 @@ mod browser;
 mod cli;
 mod faults;
 mod fleet;
+mod hostile;
 mod ingress;
 mod keys;
 mod local_api;

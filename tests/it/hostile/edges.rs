@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::kit::{Env, WAIT, assert_refused, find, shared_clerk};
+use super::kit::{Env, WAIT, assert_refused, find, shared_clerk};
 use crate::support::{Sidecar, client};
 
 /// Public, optional and required routes: the three places a tunnel could start from.
@@ -368,7 +368,7 @@ async fn a_101_the_client_did_not_ask_for_is_502_and_never_tunnelled() {
             .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut replies = crate::kit::send_raw(
+    let mut replies = super::kit::send_raw(
         gate.proxy,
         b"GET /public/y HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
     )
@@ -494,11 +494,11 @@ async fn path_and_method_override_headers_never_reach_the_upstream() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     for (name, _) in overrides {
-        let folded = crate::kit::fold(name);
+        let folded = super::kit::fold(name);
         assert!(
             seen.headers
                 .keys()
-                .all(|k| crate::kit::fold(k.as_str()) != folded),
+                .all(|k| super::kit::fold(k.as_str()) != folded),
             "{name} reached the upstream"
         );
     }
@@ -554,7 +554,7 @@ async fn client_ip_headers_are_replaced_or_removed_unless_trusted() {
         .map(|k| k.as_str().to_owned())
         .filter(|k| {
             sent.iter()
-                .any(|(s, _)| crate::kit::fold(s) == crate::kit::fold(k))
+                .any(|(s, _)| super::kit::fold(s) == super::kit::fold(k))
         })
         .collect();
     names.sort();

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::kit::{
+use super::kit::{
     Env, PinnedKey, Reply, assert_refused, b64, other_instance, payload_segment, values,
 };
 use crate::support::now;

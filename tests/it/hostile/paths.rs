@@ -4,7 +4,7 @@
 //! for encoded slashes, and forward-auth URIs. The property throughout: the route rule is
 //! decided on the same path the upstream receives.
 
-use crate::kit::{Env, ROUTES, assert_refused, values};
+use super::kit::{Env, ROUTES, assert_refused, values};
 use crate::support::FakeClerk;
 
 fn org_token(clerk: &FakeClerk, sub: &str, role: &str) -> String {

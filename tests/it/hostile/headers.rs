@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use crate::kit::{
+use super::kit::{
     Env, ROUTES, RawUpstream, WAIT, assert_refused, find, fold, shared_clerk, values,
 };
 use crate::support::Sidecar;
@@ -342,7 +342,7 @@ async fn identity_headers_in_a_chunked_trailer_section_never_reach_the_upstream(
              TE: trailers\r\nConnection: close\r\n\r\n\
              5\r\nhello\r\n6\r\n world\r\n0\r\n{trailers}\r\n"
         );
-        let replies = crate::kit::send_raw(gate.proxy, request.as_bytes()).await;
+        let replies = super::kit::send_raw(gate.proxy, request.as_bytes()).await;
         assert_eq!(
             replies.iter().map(|r| r.status).collect::<Vec<_>>(),
             [200],

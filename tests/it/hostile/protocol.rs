@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::kit::{Env, ROUTES, Reply, WAIT, find, memory_lock, parse_responses, rss_kib};
+use super::kit::{Env, ROUTES, Reply, WAIT, find, memory_lock, parse_responses, rss_kib};
 
 /// The request every smuggling case tries to slip past clerkgate: no token, admin-only path.
 const SMUGGLED: &str = "GET /admin/smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
