@@ -15,7 +15,6 @@ mod runtime;
 mod sdk_compat;
 mod security;
 mod sessions;
-#[path = "../support/mod.rs"]
 mod support;
 mod support_smoke;
 mod upstream_grpc;
