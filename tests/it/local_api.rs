@@ -842,14 +842,9 @@ async fn the_default_is_loopback_and_binding_elsewhere_without_a_token_exits_64(
     assert!(config.local_api.token.is_none());
 
     let check = |env: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clerkgate"));
-        cmd.arg("check-config")
-            .env_clear()
-            .env("CLERK_SECRET_KEY", &clerk.secret_key)
+        let mut cmd = crate::support::process::command(&["check-config"], env);
+        cmd.env("CLERK_SECRET_KEY", &clerk.secret_key)
             .env("CLERK_PUBLISHABLE_KEY", clerk.publishable_key());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         cmd.output().expect("clerkgate runs")
     };
     let out = check(&[("CLERKGATE_LOCAL_API__LISTEN", "0.0.0.0:9091")]);

@@ -1,55 +1,13 @@
 //! Helpers shared by the fault tests.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use crate::support::sidecar::{base_toml, config};
-use crate::support::{FakeClerk, Sidecar, Upstream};
+use crate::support::{FakeClerk, Sidecar, Upstream, WAIT, http};
 
-/// Upper bound for every wait; generous because the machine is shared and loaded.
-pub const WAIT: Duration = Duration::from_secs(15);
-
-/// One HTTP client for every test. Building a client loads the TLS roots, which costs about
-/// 100 ms in a debug build: too much for polling loops. Connections are not pooled, so none
-/// outlives the test runtime that opened it.
-pub fn http() -> &'static reqwest::Client {
-    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
-        reqwest::Client::builder()
-            .no_proxy()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("client builds")
-    });
-    &CLIENT
-}
-
-/// Status of GET /readyz (0 when the admin listener does not answer).
-pub async fn readyz(gate: &Sidecar) -> u16 {
-    http()
-        .get(gate.admin_url("/readyz"))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
-/// Polls /readyz until it is 200.
+/// Polls /readyz until it is 200 (within [`WAIT`]).
 pub async fn wait_ready(gate: &Sidecar) -> bool {
-    crate::support::eventually(WAIT, async || readyz(gate).await == 200).await
-}
-
-/// The Prometheus text from /metrics.
-pub async fn metrics_text(gate: &Sidecar) -> String {
-    http()
-        .get(gate.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics body")
+    gate.wait_ready(WAIT).await
 }
 
 /// Starts clerkgate without waiting for readiness (cold starts against a failing Clerk).
@@ -102,21 +60,4 @@ pub async fn admin(gate: &Sidecar, path: &str) -> (u16, String) {
         .expect("the admin listener answers");
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap_or_default())
-}
-
-/// The value of one sample (name plus labels exactly as exported) in Prometheus text.
-pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-/// [`sample`] of the live /metrics text, panicking with the text when the series is absent.
-pub async fn metric(gate: &Sidecar, series: &str) -> f64 {
-    let text = metrics_text(gate).await;
-    sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }

@@ -17,41 +17,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{WAIT, http};
 use super::fakes::{Door, Mode};
-use crate::support::{FakeClerk, Upstream, eventually};
-
-const BIN: &str = env!("CARGO_BIN_EXE_clerkgate");
-
-/// A file under the system temp dir, removed when dropped.
-struct TempConfig(std::path::PathBuf);
-
-impl TempConfig {
-    fn new(contents: &str) -> TempConfig {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("clerkgate-faults-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("clerkgate.toml");
-        std::fs::write(&path, contents).expect("write config");
-        TempConfig(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use crate::support::process::{TempFile, command};
+use crate::support::{FakeClerk, Upstream, WAIT, eventually, http};
 
 /// The TOML for the binary: port 0 everywhere, the fake Clerk (reached at `api_url`, with more
 /// `[clerk]` keys in `clerk_extra`), the local API off.
@@ -89,16 +57,6 @@ level = "info"
     )
 }
 
-/// `clerkgate <args>` with a cleared environment (plus `PATH`).
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_clear().stdin(Stdio::null());
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd
-}
-
 /// The running binary. Killed and reaped when dropped, so a failing test leaves nothing behind.
 struct Running {
     child: Child,
@@ -106,15 +64,15 @@ struct Running {
     admin: SocketAddr,
     /// Every stderr line (JSON logs), for failure messages.
     log: Arc<Mutex<Vec<String>>>,
-    _config: TempConfig,
+    _config: TempFile,
 }
 
 impl Running {
     /// Validates the configuration with `check-config`, starts `serve` and waits for the
     /// "clerkgate listening" log line that names the bound ports.
     fn start(toml: &str) -> Running {
-        let config = TempConfig::new(toml);
-        let check = command(&["--config", config.path(), "check-config"])
+        let config = TempFile::with("clerkgate.toml", toml);
+        let check = command(&["--config", config.path(), "check-config"], &[])
             .output()
             .expect("run check-config");
         assert!(
@@ -122,7 +80,7 @@ impl Running {
             "check-config: {}",
             String::from_utf8_lossy(&check.stderr)
         );
-        let mut child = command(&["--config", config.path(), "serve"])
+        let mut child = command(&["--config", config.path(), "serve"], &[])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

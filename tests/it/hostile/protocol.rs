@@ -8,7 +8,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::kit::{Env, ROUTES, Reply, WAIT, find, memory_lock, parse_responses, rss_kib};
+use super::kit::{ROUTES, memory_lock, rss_kib};
+use crate::support::WAIT;
+use crate::support::env::Env;
+use crate::support::raw::read_response;
 
 /// The request every smuggling case tries to slip past clerkgate: no token, admin-only path.
 const SMUGGLED: &str = "GET /admin/smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
@@ -416,29 +419,6 @@ async fn http2_header_blocks_with_upper_case_or_connection_fields_are_refused() 
         seen.headers
     );
     env.stop().await;
-}
-
-/// Reads one complete response from a keep-alive connection.
-async fn read_response(stream: &mut TcpStream) -> Option<Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return parse_responses(&buf).into_iter().next();
-            }
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 const KEEP_ALIVE_GET: &[u8] = b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n";

@@ -4,10 +4,10 @@
 
 use serde_json::{Value, json};
 
-use super::kit::{
-    Env, PinnedKey, Reply, assert_refused, b64, other_instance, payload_segment, values,
-};
+use super::kit::PinnedKey;
+use crate::support::env::{Env, assert_refused, b64, other_instance, payload_segment, values};
 use crate::support::now;
+use crate::support::raw::Reply;
 
 /// Sends `token` as a bearer token and checks the refusal and that nothing reached upstream.
 async fn expect_refused(env: &Env, case: &str, token: &str, status: u16, reason: &str) {

@@ -24,9 +24,3 @@ pub fn cases(cases: u32) -> Config {
         ..Config::default()
     }
 }
-
-/// Lower case with `_` read as `-`: how clerkgate, CGI, nginx and many frameworks compare
-/// header names.
-pub fn fold(name: &str) -> String {
-    name.to_ascii_lowercase().replace('_', "-")
-}
