@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::kit::{ROUTES, memory_lock, rss_kib};
+use super::kit::ROUTES;
 use crate::support::WAIT;
 use crate::support::env::Env;
 use crate::support::raw::read_response;
@@ -492,31 +492,24 @@ async fn max_connections_holds_extra_connections_until_a_slot_frees() {
 /// descriptors of the 20 000 soft limit, and other tests run alongside.
 const IDLE: usize = 5000;
 
+/// What they cost in memory is measured on the binary alone by `soak/connections.py`: this
+/// process's RSS also counts every test running alongside.
 #[tokio::test]
-async fn thousands_of_idle_keep_alive_connections_cost_bounded_memory() {
-    let _alone = memory_lock().lock().await;
+async fn thousands_of_idle_keep_alive_connections_do_not_stop_the_proxy_serving() {
     let env = Env::start("[proxy]\nheader_read_timeout_seconds = 60\n").await;
-    let before = rss_kib();
     let held = idle_connections(&env, IDLE).await;
-    let during = rss_kib();
-    let growth_mib = during.saturating_sub(before) / 1024;
-    assert!(
-        growth_mib < 200,
-        "{IDLE} idle connections grew RSS by {growth_mib} MiB ({before} -> {during} KiB)"
-    );
     // Still serving while they are held, and after they are gone.
     assert_eq!(answered_within(&env, WAIT).await, Some(401));
     drop(held);
     assert_eq!(answered_within(&env, WAIT).await, Some(401));
-    eprintln!("{IDLE} idle connections: RSS {before} -> {during} KiB (+{growth_mib} MiB)");
     env.stop().await;
 }
 
+/// That the responses are not buffered (back-pressure: clerkgate's RSS stays far below the
+/// 640 MiB asked for) is measured on the binary alone by `soak/connections.py`.
 #[tokio::test]
-async fn clients_that_never_read_do_not_stall_the_proxy_or_buffer_the_response() {
-    let _alone = memory_lock().lock().await;
+async fn clients_that_never_read_do_not_stall_the_proxy() {
     let env = Env::start("[[routes]]\npath = \"/big/**\"\nauth = \"public\"\n").await;
-    let before = rss_kib();
     // Ten clients ask for 64 MiB each and never read a byte.
     let mut stalled = Vec::new();
     for _ in 0..10 {
@@ -537,12 +530,6 @@ async fn clients_that_never_read_do_not_stall_the_proxy_or_buffer_the_response()
         assert_eq!(reply.body, b"abcdefghij");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Back-pressure, not buffering: 640 MiB were requested, far less may be held.
-    let growth_mib = rss_kib().saturating_sub(before) / 1024;
-    eprintln!("10 stalled 64 MiB downloads: RSS +{growth_mib} MiB");
-    // Half of what was requested: other tests in this process allocate alongside (the lock
-    // only keeps the two RSS tests apart), while buffering would show all 640 MiB.
-    assert!(growth_mib < 320, "RSS grew by {growth_mib} MiB");
     drop(stalled);
     env.stop().await;
 }
