@@ -207,19 +207,17 @@ async fn dev_mode_serves_the_printed_token_and_mints_more() {
     assert_eq!(dev.admin, format!("http://{admin}"));
 
     let readyz = format!("{}/readyz", dev.admin);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !http()
-        .get(&readyz)
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dev never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        crate::support::eventually(WAIT, async || {
+            http()
+                .get(&readyz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "dev never became ready"
+    );
     let health = tokio::task::spawn_blocking(move || run(&["healthcheck", "--url", &readyz], &[]))
         .await
         .unwrap();
