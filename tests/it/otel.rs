@@ -23,6 +23,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
 use tokio::net::TcpListener;
 
+use crate::support::process::{TempFile, command};
 use crate::support::{FakeClerk, Upstream, client, eventually};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -163,54 +164,21 @@ fn sid_of(token: &str) -> String {
     claims["sid"].as_str().expect("a sid").to_owned()
 }
 
-/// A temporary config file, removed when dropped.
-struct TempConfig(std::path::PathBuf);
-
-impl TempConfig {
-    fn new(contents: &str) -> TempConfig {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("clerkgate-otel-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("clerkgate.toml");
-        std::fs::write(&path, contents).expect("write config");
-        TempConfig(path)
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 /// The running binary, killed and reaped when dropped.
 struct Gate {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
-    _config: TempConfig,
+    _config: TempFile,
 }
 
 impl Gate {
     /// `clerkgate serve` with this configuration and extra environment, up and ready.
     async fn start(toml: &str, env: &[(&str, &str)]) -> Gate {
-        let config = TempConfig::new(toml);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clerkgate"));
-        cmd.arg("--config")
-            .arg(&config.0)
-            .arg("serve")
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let config = TempFile::with("clerkgate.toml", toml);
+        let mut cmd = command(&["--config", config.path(), "serve"], env);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn clerkgate");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -543,14 +511,13 @@ async fn bad_tracing_settings_exit_64_naming_the_key() {
             "tracing.otlp_endpoint",
         ),
     ] {
-        let config = TempConfig::new(&format!(
-            "[clerk]\nsecret_key = \"sk_test_x\"\npublishable_key = \"pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk\"\n[tracing]\n{setting}\n"
-        ));
-        let out = Command::new(env!("CARGO_BIN_EXE_clerkgate"))
-            .arg("--config")
-            .arg(&config.0)
-            .arg("check-config")
-            .env_clear()
+        let config = TempFile::with(
+            "clerkgate.toml",
+            &format!(
+                "[clerk]\nsecret_key = \"sk_test_x\"\npublishable_key = \"pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk\"\n[tracing]\n{setting}\n"
+            ),
+        );
+        let out = command(&["--config", config.path(), "check-config"], &[])
             .output()
             .expect("run clerkgate");
         assert_eq!(out.status.code(), Some(64), "{setting}");
