@@ -4,9 +4,13 @@
 //! process's environment; every wait on a child is bounded; a child is killed and reaped when
 //! its guard drops, so a failing test leaves no process behind.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::{eventually, http};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_clerkgate");
@@ -112,4 +116,114 @@ impl Drop for TempFile {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// `clerkgate serve` running as a child: its proxy and admin addresses (from the JSON
+/// "clerkgate listening" log line, so the config can bind port 0) and every stderr line.
+/// Killed and reaped when dropped.
+pub struct Served {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    _config: TempFile,
+}
+
+impl Served {
+    /// Starts `serve` with this configuration (which must log JSON) and extra environment,
+    /// and waits for the line that names the bound ports. Not necessarily ready yet.
+    pub fn start(toml: &str, env: &[(&str, &str)]) -> Served {
+        let config = TempFile::with("clerkgate.toml", toml);
+        let mut child = command(&["--config", config.path(), "serve"], env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn clerkgate");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addrs) = listening(&line) {
+                    let _ = tx.send(addrs);
+                }
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let Ok((proxy, admin)) = rx.recv_timeout(CHILD_WAIT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no 'clerkgate listening' line; log: {:?}", log.lock());
+        };
+        Served {
+            child,
+            proxy,
+            admin,
+            log,
+            _config: config,
+        }
+    }
+
+    /// Every stderr line so far, for failure messages.
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {}", self.child.id());
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub async fn exited(&mut self, within: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        eventually(within, async || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        })
+        .await;
+        status
+    }
+
+    /// Status of GET /readyz (`None` when the admin listener does not answer).
+    pub async fn readyz(&self) -> Option<u16> {
+        http()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proxy and admin addresses from the JSON "clerkgate listening" line.
+fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["message"] != "clerkgate listening" {
+        return None;
+    }
+    let addr = |field: &str| -> Option<SocketAddr> {
+        v[field]
+            .as_str()?
+            .strip_prefix("Some(")?
+            .strip_suffix(')')?
+            .parse()
+            .ok()
+    };
+    Some((addr("proxy")?, addr("admin")?))
 }
