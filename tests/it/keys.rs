@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::eventually;
 use crate::support::sidecar::{base_toml, config};
-use crate::support::{Failure, FakeClerk, Sidecar, SigningKey, Upstream, client};
+use crate::support::{Failure, FakeClerk, Sidecar, SigningKey, Upstream, client, sample};
 
 /// Upper bound for every wait in this file; generous because CI machines stall.
 const WAIT: Duration = Duration::from_secs(10);
@@ -40,13 +40,6 @@ async fn call(gate: &Sidecar, token: &str) -> (u16, String) {
 /// A fresh token (never seen by the token cache) minted with the key `kid`.
 fn token_with(clerk: &FakeClerk, kid: &str, sub: &str) -> String {
     clerk.key(kid).mint(&clerk.claims(sub))
-}
-
-/// The value of an unlabelled sample in Prometheus text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test]

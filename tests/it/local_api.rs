@@ -318,8 +318,17 @@ async fn an_unknown_user_is_clerks_404_passed_through_and_cached_briefly() {
     );
     // The 404 lives only missing_user_cache_ttl_seconds (the user's TTL is 60 s).
     clerk.set_user(user_json("user_nobody", "Late"));
-    tokio::time::sleep(Duration::from_millis(1_300)).await;
-    let r = get(&gate, "/v1/users/user_nobody").await;
+    // Found by 1.3 s: polled, since reads within the TTL are answered from the cache.
+    let mut r = None;
+    let found = crate::support::eventually(Duration::from_millis(1_300), async || {
+        let reply = get(&gate, "/v1/users/user_nobody").await;
+        let done = reply.status == 200;
+        r = Some(reply);
+        done
+    })
+    .await;
+    let r = r.expect("one request");
+    assert!(found, "the 404 outlived its TTL: {}", r.status);
     assert_eq!(
         (r.status, r.body["first_name"].as_str()),
         (200, Some("Late"))
@@ -842,14 +851,9 @@ async fn the_default_is_loopback_and_binding_elsewhere_without_a_token_exits_64(
     assert!(config.local_api.token.is_none());
 
     let check = |env: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_clerkgate"));
-        cmd.arg("check-config")
-            .env_clear()
-            .env("CLERK_SECRET_KEY", &clerk.secret_key)
+        let mut cmd = crate::support::process::command(&["check-config"], env);
+        cmd.env("CLERK_SECRET_KEY", &clerk.secret_key)
             .env("CLERK_PUBLISHABLE_KEY", clerk.publishable_key());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         cmd.output().expect("clerkgate runs")
     };
     let out = check(&[("CLERKGATE_LOCAL_API__LISTEN", "0.0.0.0:9091")]);

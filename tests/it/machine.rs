@@ -193,8 +193,17 @@ async fn the_cache_ends_at_the_ttl_and_never_outlives_the_expiration() {
     clerk.machine_answer("ak_ttl", 200, revoked);
     assert_eq!(get(&gate, "/keys", Some("ak_ttl"), &[]).await.status, 200);
     assert_eq!(clerk.machine_calls().len(), 1, "cached within the TTL");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let r = get(&gate, "/keys", Some("ak_ttl"), &[]).await;
+    // Refused by 1.2 s: polled, since requests within the TTL are cache hits (no call).
+    let mut r = None;
+    let refused = crate::support::eventually(Duration::from_millis(1200), async || {
+        let reply = get(&gate, "/keys", Some("ak_ttl"), &[]).await;
+        let done = reply.status != 200;
+        r = Some(reply);
+        done
+    })
+    .await;
+    let r = r.expect("one request");
+    assert!(refused, "still served from the cache: {}", r.body);
     assert_eq!((r.status, r.reason.as_str()), (401, "token-revoked"));
     assert_eq!(clerk.machine_calls().len(), 2);
 
@@ -204,8 +213,17 @@ async fn the_cache_ends_at_the_ttl_and_never_outlives_the_expiration() {
     short["expiration"] = json!(now_ms() + 700);
     clerk.machine_answer("ak_short", 200, short);
     assert_eq!(get(&gate, "/keys", Some("ak_short"), &[]).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    let r = get(&gate, "/keys", Some("ak_short"), &[]).await;
+    // Refused by 2 s, whatever the 30 s TTL.
+    let mut r = None;
+    let refused = crate::support::eventually(Duration::from_millis(2000), async || {
+        let reply = get(&gate, "/keys", Some("ak_short"), &[]).await;
+        let done = reply.status != 200;
+        r = Some(reply);
+        done
+    })
+    .await;
+    let r = r.expect("one request");
+    assert!(refused, "trusted past its expiration: {}", r.body);
     assert_eq!((r.status, r.reason.as_str()), (401, "token-expired"));
 }
 

@@ -1,17 +1,28 @@
+//! The one integration test binary (`cargo test --test it`): every test that drives clerkgate
+//! from outside, grouped by area, on one shared harness in [`support`] (fake Clerk, echo and
+//! raw upstreams, raw HTTP/1.1 client, process runner, wait helpers).
+//!
+//! One binary links the crate once and lets tests of every area run side by side. Tests never
+//! mutate the process environment (children get explicit environments, sidecars explicit
+//! configs), since every test shares this process.
+
 mod browser;
+mod cli;
+mod faults;
 mod fleet;
+mod hostile;
 mod ingress;
 mod keys;
 mod local_api;
 mod machine;
 mod operations;
 mod otel;
+mod properties;
 mod proxy_basics;
 mod runtime;
 mod sdk_compat;
 mod security;
 mod sessions;
-#[path = "../support/mod.rs"]
 mod support;
 mod support_smoke;
 mod upstream_grpc;

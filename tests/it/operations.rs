@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 use crate::support::eventually;
+use crate::support::raw::{read_head, status_of};
 use crate::support::sidecar::{base_toml, config};
 use crate::support::{FakeClerk, Sidecar, Upstream, client};
 
@@ -27,28 +28,6 @@ const WAIT: Duration = Duration::from_secs(10);
 async fn reason(resp: reqwest::Response) -> String {
     let body: Value = resp.json().await.expect("a JSON refusal body");
     body["reason"].as_str().unwrap_or_default().to_owned()
-}
-
-/// Reads a response head (up to the blank line) from a raw connection. `None` when the server
-/// closed the connection (or reset it) before a complete head arrived.
-async fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match tokio::time::timeout(WAIT, stream.read(&mut byte)).await {
-            Ok(Ok(1)) => head.push(byte[0]),
-            Ok(_) => return None,
-            Err(_) => panic!("no response head within {WAIT:?}"),
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
-}
-
-fn status_of(head: &str) -> u16 {
-    head.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("an HTTP status line")
 }
 
 /// A port on 127.0.0.1 with nothing listening.

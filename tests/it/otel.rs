@@ -6,9 +6,7 @@
 //! raw bodies too, so a test can assert that no secret appears anywhere in what was exported.
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +21,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use prost::Message as _;
 use tokio::net::TcpListener;
 
+use crate::support::process::{Served, TempFile, command};
 use crate::support::{FakeClerk, Upstream, client, eventually};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -163,141 +162,34 @@ fn sid_of(token: &str) -> String {
     claims["sid"].as_str().expect("a sid").to_owned()
 }
 
-/// A temporary config file, removed when dropped.
-struct TempConfig(std::path::PathBuf);
+/// The running binary, ready.
+struct Gate(Served);
 
-impl TempConfig {
-    fn new(contents: &str) -> TempConfig {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("clerkgate-otel-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("clerkgate.toml");
-        std::fs::write(&path, contents).expect("write config");
-        TempConfig(path)
+impl std::ops::Deref for Gate {
+    type Target = Served;
+    fn deref(&self) -> &Served {
+        &self.0
     }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// The running binary, killed and reaped when dropped.
-struct Gate {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    _config: TempConfig,
 }
 
 impl Gate {
     /// `clerkgate serve` with this configuration and extra environment, up and ready.
     async fn start(toml: &str, env: &[(&str, &str)]) -> Gate {
-        let config = TempConfig::new(toml);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clerkgate"));
-        cmd.arg("--config")
-            .arg(&config.0)
-            .arg("serve")
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn clerkgate");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addrs) = listening(&line) {
-                    let _ = tx.send(addrs);
-                }
-                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        let Ok((proxy, admin)) = rx.recv_timeout(WAIT) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no 'clerkgate listening' line; log: {:?}", log.lock());
-        };
-        let gate = Gate {
-            child,
-            proxy,
-            admin,
-            log,
-            _config: config,
-        };
-        let ready = eventually(WAIT, async || {
-            client()
-                .get(format!("http://{}/readyz", gate.admin))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
+        let gate = Gate(Served::start(toml, env));
+        let ready = eventually(WAIT, async || gate.readyz().await == Some(200)).await;
         assert!(ready, "ready; log:\n{}", gate.log());
         gate
-    }
-
-    fn log(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
     }
 
     /// SIGTERM, then waits for the exit (the drain, then the flush).
     async fn stop(mut self) -> Duration {
         let started = Instant::now();
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let mut exit = None;
-        eventually(WAIT, async || {
-            exit = self.child.try_wait().expect("try_wait");
-            exit.is_some()
-        })
-        .await;
+        self.0.sigterm();
+        let exit = self.0.exited(WAIT).await;
         let exit = exit.unwrap_or_else(|| panic!("no exit; log:\n{}", self.log()));
         assert!(exit.success(), "{exit}; log:\n{}", self.log());
         started.elapsed()
     }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The proxy and admin addresses from the JSON "clerkgate listening" line.
-fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["message"] != "clerkgate listening" {
-        return None;
-    }
-    let addr = |field: &str| -> Option<SocketAddr> {
-        v[field]
-            .as_str()?
-            .strip_prefix("Some(")?
-            .strip_suffix(')')?
-            .parse()
-            .ok()
-    };
-    Some((addr("proxy")?, addr("admin")?))
 }
 
 fn toml(clerk: &FakeClerk, upstream: &Upstream, tracing: &str, extra: &str) -> String {
@@ -543,14 +435,13 @@ async fn bad_tracing_settings_exit_64_naming_the_key() {
             "tracing.otlp_endpoint",
         ),
     ] {
-        let config = TempConfig::new(&format!(
-            "[clerk]\nsecret_key = \"sk_test_x\"\npublishable_key = \"pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk\"\n[tracing]\n{setting}\n"
-        ));
-        let out = Command::new(env!("CARGO_BIN_EXE_clerkgate"))
-            .arg("--config")
-            .arg(&config.0)
-            .arg("check-config")
-            .env_clear()
+        let config = TempFile::with(
+            "clerkgate.toml",
+            &format!(
+                "[clerk]\nsecret_key = \"sk_test_x\"\npublishable_key = \"pk_test_ZmFrZS1pbnN0YW5jZS5jbGVyay5hY2NvdW50cy5kZXYk\"\n[tracing]\n{setting}\n"
+            ),
+        );
+        let out = command(&["--config", config.path(), "check-config"], &[])
             .output()
             .expect("run clerkgate");
         assert_eq!(out.status.code(), Some(64), "{setting}");

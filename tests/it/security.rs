@@ -11,12 +11,11 @@
 //! forward-auth endpoint, optional routes. Sources: docs/clerk-protocol.md sections 1, 2.1,
 //! 2.6 and 7.
 
+use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::support::now;
-use kit::{
-    Env, assert_anonymous, b64, forged, org_claims, other_instance, payload_segment, random_hex,
-};
+use crate::support::env::{Env, b64, fold, other_instance, payload_segment, random_hex};
+use crate::support::{FakeClerk, now};
 
 /// Routes shared by the path, policy and forward-auth tests.
 const ROUTES: &str = r#"
@@ -46,267 +45,47 @@ reserved = ["X_Tenant"]
 "public_metadata.plan" = "X-Plan"
 "#;
 
-/// Test plumbing: one environment per test, a client that can send what browsers and reqwest
-/// would normalise away, and token forgery.
-mod kit {
-    use std::sync::{Arc, OnceLock};
-    use std::time::Duration;
+/// Names the upstream may only ever receive from clerkgate itself (normalised: lower case,
+/// `_` as `-`), given the defaults plus [`EXTRA_RESERVED`]. `x-clerk-*` is reserved
+/// as a prefix.
+const RESERVED: &[&str] = &[
+    "x-user-id",
+    "x-session-id",
+    "x-org-id",
+    "x-org-role",
+    "x-org-slug",
+    "x-org-permissions",
+    "x-actor-id",
+    "x-plan",
+    "x-tenant",
+];
 
-    use base64::Engine as _;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use http::{HeaderMap, HeaderName, HeaderValue};
-    use serde_json::{Value, json};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-
-    use crate::support::{FakeClerk, Sidecar, Upstream, client};
-
-    /// Upper bound for every network wait in this file.
-    const WAIT: Duration = Duration::from_secs(10);
-
-    /// Names the upstream may only ever receive from clerkgate itself (normalised: lower case,
-    /// `_` as `-`), given the defaults plus [`super::EXTRA_RESERVED`]. `x-clerk-*` is reserved
-    /// as a prefix.
-    pub const RESERVED: &[&str] = &[
-        "x-user-id",
-        "x-session-id",
-        "x-org-id",
-        "x-org-role",
-        "x-org-slug",
-        "x-org-permissions",
-        "x-actor-id",
-        "x-plan",
-        "x-tenant",
-    ];
-
-    /// A fake Clerk, a recording upstream and clerkgate between them. The upstream and
-    /// clerkgate belong to one test; the fake Clerk is shared (see [`shared_clerk`]) unless the
-    /// test counts JWKS fetches.
-    pub struct Env {
-        pub clerk: Arc<FakeClerk>,
-        pub upstream: Upstream,
-        pub gate: Sidecar,
-        /// One client per test: building one loads the TLS roots, which is not free.
-        pub http: reqwest::Client,
+/// The upstream got no identity header in any spelling.
+fn assert_anonymous(headers: &HeaderMap) {
+    for name in headers.keys() {
+        let folded = fold(name.as_str());
+        assert!(
+            !folded.starts_with("x-clerk-") && !RESERVED.contains(&folded.as_str()),
+            "identity header {name} reached the upstream of an anonymous request: {headers:?}"
+        );
     }
+}
 
-    /// The fake Clerk instance most tests verify against.
-    ///
-    /// Generating its RSA key costs about a second in a debug build, which dominated this
-    /// file's runtime when every test made its own. Sharing it keeps tests independent as long
-    /// as no test changes it (rotation, failure injection) or asserts on its fetch count; tests
-    /// that do use [`Env::start_own`]. It is served from a runtime of its own because each
-    /// `#[tokio::test]` runtime, and every task spawned on it, ends with its test.
-    pub fn shared_clerk() -> Arc<FakeClerk> {
-        static CLERK: OnceLock<Arc<FakeClerk>> = OnceLock::new();
-        CLERK.get_or_init(start_on_shared_runtime).clone()
-    }
+/// A compact JWS with an arbitrary header and signature bytes.
+fn forged(header: &Value, claims: &Value, signature: &[u8]) -> String {
+    format!(
+        "{}.{}.{}",
+        b64(header.to_string()),
+        b64(claims.to_string()),
+        b64(signature)
+    )
+}
 
-    /// A second instance with the same kid (`ins_fake_1`) and issuer but its own key, for
-    /// signing cross-instance tokens. Nothing ever fetches from it.
-    pub fn other_instance() -> Arc<FakeClerk> {
-        static OTHER: OnceLock<Arc<FakeClerk>> = OnceLock::new();
-        OTHER.get_or_init(start_on_shared_runtime).clone()
-    }
-
-    fn start_on_shared_runtime() -> Arc<FakeClerk> {
-        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-        let runtime = RUNTIME.get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("shared fake Clerk runtime")
-        });
-        // `block_on` may not run on a test's runtime thread, so start the fake from another.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| Arc::new(runtime.block_on(FakeClerk::start())))
-                .join()
-                .expect("fake Clerk started")
-        })
-    }
-
-    /// What a client got back.
-    #[derive(Debug)]
-    pub struct Reply {
-        pub status: u16,
-        pub headers: HeaderMap,
-        pub body: String,
-    }
-
-    impl Reply {
-        /// The `reason` of clerkgate's JSON rejection body, or `""`.
-        pub fn reason(&self) -> String {
-            serde_json::from_str::<Value>(self.body.trim())
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(str::to_owned))
-                .unwrap_or_default()
-        }
-
-        pub fn header(&self, name: &str) -> Option<&str> {
-            self.headers.get(name).and_then(|v| v.to_str().ok())
-        }
-    }
-
-    impl Env {
-        /// clerkgate with `extra` TOML against the shared fake Clerk.
-        pub async fn start(extra: &str) -> Env {
-            Self::start_with(shared_clerk(), extra).await
-        }
-
-        /// clerkgate against a fake Clerk of this test's own, for tests that count fetches.
-        pub async fn start_own(extra: &str) -> Env {
-            Self::start_with(Arc::new(FakeClerk::start().await), extra).await
-        }
-
-        async fn start_with(clerk: Arc<FakeClerk>, extra: &str) -> Env {
-            let upstream = Upstream::start().await;
-            let gate = Sidecar::start(&clerk, &upstream, extra).await;
-            Env {
-                clerk,
-                upstream,
-                gate,
-                http: client(),
-            }
-        }
-
-        /// GET through reqwest with an optional bearer token and extra headers (appended, so
-        /// repeated names become repeated header lines).
-        pub async fn get(
-            &self,
-            path: &str,
-            token: Option<&str>,
-            headers: &[(&str, &str)],
-        ) -> Reply {
-            let mut req = self.http.get(self.gate.url(path));
-            if let Some(token) = token {
-                req = req.bearer_auth(token);
-            }
-            for (name, value) in headers {
-                req = req.header(*name, *value);
-            }
-            let resp = req.send().await.expect("clerkgate answers");
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let body = resp.text().await.expect("response body");
-            Reply {
-                status,
-                headers,
-                body,
-            }
-        }
-
-        /// GET with a request target and header lines written byte for byte on a fresh
-        /// connection: reqwest would normalise dot segments and lower-case header names.
-        pub async fn raw(&self, target: &str, headers: &[(&str, &str)]) -> Reply {
-            let mut request = format!(
-                "GET {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-                self.gate.proxy
-            );
-            for (name, value) in headers {
-                request.push_str(&format!("{name}: {value}\r\n"));
-            }
-            request.push_str("\r\n");
-            let exchange = async {
-                let mut stream = TcpStream::connect(self.gate.proxy).await?;
-                stream.write_all(request.as_bytes()).await?;
-                let mut response = Vec::new();
-                stream.read_to_end(&mut response).await?;
-                Ok::<_, std::io::Error>(response)
-            };
-            let response = tokio::time::timeout(WAIT, exchange)
-                .await
-                .expect("clerkgate answered in time")
-                .expect("raw exchange");
-            parse_response(&response)
-        }
-
-        /// `__session` (or another cookie string) as the only credential.
-        pub async fn with_cookie(&self, path: &str, cookie: &str) -> Reply {
-            self.get(path, None, &[("cookie", cookie)]).await
-        }
-
-        pub async fn stop(self) {
-            self.gate.stop().await;
-        }
-    }
-
-    fn parse_response(bytes: &[u8]) -> Reply {
-        let text = String::from_utf8_lossy(bytes);
-        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().expect("a status line");
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let mut headers = HeaderMap::new();
-        for line in lines {
-            if let Some((name, value)) = line.split_once(':')
-                && let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name.trim().as_bytes()),
-                    HeaderValue::from_str(value.trim()),
-                )
-            {
-                headers.append(name, value);
-            }
-        }
-        Reply {
-            status,
-            headers,
-            body: body.to_owned(),
-        }
-    }
-
-    /// Lower case with `_` as `-`: how clerkgate (and CGI, nginx, many frameworks) compare names.
-    pub fn fold(name: &str) -> String {
-        name.to_ascii_lowercase().replace('_', "-")
-    }
-
-    /// The upstream got no identity header in any spelling.
-    pub fn assert_anonymous(headers: &HeaderMap) {
-        for name in headers.keys() {
-            let folded = fold(name.as_str());
-            assert!(
-                !folded.starts_with("x-clerk-") && !RESERVED.contains(&folded.as_str()),
-                "identity header {name} reached the upstream of an anonymous request: {headers:?}"
-            );
-        }
-    }
-
-    pub fn b64(bytes: impl AsRef<[u8]>) -> String {
-        URL_SAFE_NO_PAD.encode(bytes)
-    }
-
-    /// A compact JWS with an arbitrary header and signature bytes.
-    pub fn forged(header: &Value, claims: &Value, signature: &[u8]) -> String {
-        format!(
-            "{}.{}.{}",
-            b64(header.to_string()),
-            b64(claims.to_string()),
-            b64(signature)
-        )
-    }
-
-    /// The base64url payload segment, which clerkgate forwards as `X-Clerk-Claims`.
-    pub fn payload_segment(token: &str) -> &str {
-        token.split('.').nth(1).expect("a compact JWT")
-    }
-
-    /// Session claims with an active v2 organization `org_1` (slug `acme`) and this role key.
-    pub fn org_claims(clerk: &FakeClerk, sub: &str, role: &str) -> Value {
-        let mut claims = clerk.claims(sub);
-        claims["o"] = json!({"id": "org_1", "slg": "acme", "rol": role});
-        claims
-    }
-
-    pub fn random_hex(bytes: usize) -> String {
-        let mut buf = vec![0u8; bytes];
-        aws_lc_rs::rand::fill(&mut buf).expect("system RNG");
-        buf.iter().map(|b| format!("{b:02x}")).collect()
-    }
+/// Session claims with an active v2 organization `org_1` (slug `acme`) and this role key.
+fn org_claims(clerk: &FakeClerk, sub: &str, role: &str) -> Value {
+    let mut claims = clerk.claims(sub);
+    claims["o"] = json!({"id": "org_1", "slg": "acme", "rol": role});
+    claims
 }
 
 // 1. Spoofed identity headers (clerk-protocol.md section 7.11).
@@ -339,7 +118,7 @@ async fn spoofed_identity_headers_never_reach_upstream_next_to_a_valid_token() {
         )
         .await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     let values = |name: &str| -> Vec<&str> {
         seen.headers
@@ -382,7 +161,7 @@ async fn spoofed_identity_headers_in_any_spelling_are_stripped_on_public_routes(
 
     // Raw bytes: mixed case and underscores exactly as an attacker would send them.
     let reply = env
-        .raw(
+        .raw_get(
             "/public/page",
             &[
                 ("X-User-Id", "user_evil"),
@@ -402,7 +181,7 @@ async fn spoofed_identity_headers_in_any_spelling_are_stripped_on_public_routes(
         )
         .await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.count(), 1);
     let seen = env.upstream.last();
     assert_anonymous(&seen.headers);
@@ -419,7 +198,7 @@ async fn spoofed_identity_headers_are_stripped_on_optional_routes_without_a_toke
     let env = Env::start(&format!("{ROUTES}{EXTRA_RESERVED}")).await;
 
     let reply = env
-        .raw(
+        .raw_get(
             "/feed/latest",
             &[
                 ("X-User-Id", "user_evil"),
@@ -435,7 +214,7 @@ async fn spoofed_identity_headers_are_stripped_on_optional_routes_without_a_toke
         )
         .await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.count(), 1);
     assert_anonymous(&env.upstream.last().headers);
     env.stop().await;
@@ -459,7 +238,7 @@ async fn spoofed_identity_header_is_refused_with_400_when_the_policy_is_reject()
     ];
     for (path, token, header) in cases {
         let reply = env.get(path, token, &[header]).await;
-        assert_eq!(reply.status, 400, "{path} {header:?}: {}", reply.body);
+        assert_eq!(reply.status, 400, "{path} {header:?}: {}", reply.text());
         assert_eq!(
             reply.reason(),
             "spoofed-identity-header",
@@ -472,7 +251,7 @@ async fn spoofed_identity_header_is_refused_with_400_when_the_policy_is_reject()
     // The same request without the spoofed header goes through: the policy refuses the
     // header, not the client.
     let reply = env.get("/orders", Some(&token), &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.last().headers["x-user-id"], "user_real");
     env.stop().await;
 }
@@ -522,7 +301,7 @@ async fn algorithm_confusion_tokens_are_rejected_with_invalid_algorithm() {
     ];
     for (name, token) in &cases {
         let reply = env.get("/orders", Some(token), &[]).await;
-        assert_eq!(reply.status, 401, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 401, "{name}: {}", reply.text());
         assert_eq!(reply.reason(), "token-invalid-algorithm", "{name}");
     }
     assert_eq!(env.upstream.count(), 0);
@@ -532,7 +311,7 @@ async fn algorithm_confusion_tokens_are_rejected_with_invalid_algorithm() {
     let reply = env
         .get("/orders", Some(&rsa_with_header("RS256")), &[])
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     env.stop().await;
 }
 
@@ -548,7 +327,7 @@ async fn token_with_a_kid_missing_from_the_jwks_is_rejected_with_jwk_kid_mismatc
 
     let reply = env.get("/orders", Some(&token), &[]).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "jwk-kid-mismatch");
     assert_eq!(env.upstream.count(), 0);
     env.stop().await;
@@ -607,7 +386,7 @@ async fn unknown_kid_of_another_issuer_never_triggers_a_jwks_fetch() {
             foreign.clone(),
         );
         let reply = env.get("/orders", Some(&token), &[]).await;
-        assert_eq!(reply.status, 401, "{}", reply.body);
+        assert_eq!(reply.status, 401, "{}", reply.text());
         assert_eq!(reply.reason(), "jwk-kid-mismatch");
     }
     assert_eq!(
@@ -658,7 +437,7 @@ async fn jku_x5u_and_embedded_jwk_headers_are_never_used_to_find_a_key() {
             claims.clone(),
         );
         let reply = env.get("/orders", Some(&token), &[]).await;
-        assert_eq!(reply.status, 401, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 401, "{name}: {}", reply.text());
         assert_eq!(reply.reason(), reason, "{name}");
     }
     assert_eq!(
@@ -681,7 +460,7 @@ async fn token_signed_by_another_instance_with_our_kid_is_rejected_with_invalid_
 
     let reply = env.get("/orders", Some(&token), &[]).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "token-invalid-signature");
     assert_eq!(env.upstream.count(), 0);
     env.stop().await;
@@ -696,7 +475,7 @@ async fn token_signed_by_our_key_for_another_issuer_is_rejected_with_invalid_iss
 
     let reply = env.get("/orders", Some(&token), &[]).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "token-invalid-issuer");
     assert_eq!(env.upstream.count(), 0);
     env.stop().await;
@@ -718,7 +497,7 @@ async fn authorized_party_must_match_a_configured_origin_exactly() {
     let reply = env
         .get("/orders", Some(&with_azp(Some("https://app.example"))), &[])
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.last().headers["x-user-id"], "user_1");
 
     for azp in [
@@ -730,7 +509,7 @@ async fn authorized_party_must_match_a_configured_origin_exactly() {
         None,
     ] {
         let reply = env.get("/orders", Some(&with_azp(azp)), &[]).await;
-        assert_eq!(reply.status, 401, "azp {azp:?}: {}", reply.body);
+        assert_eq!(reply.status, 401, "azp {azp:?}: {}", reply.text());
         assert_eq!(
             reply.reason(),
             "token-invalid-authorized-parties",
@@ -755,13 +534,13 @@ async fn allow_missing_azp_admits_tokens_without_azp_but_never_a_wrong_one() {
     let reply = env
         .get("/orders", Some(&env.clerk.session_token("user_1")), &[])
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.count(), 1);
 
     let mut claims = env.clerk.claims("user_1");
     claims["azp"] = json!("https://evil.example");
     let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "token-invalid-authorized-parties");
     assert_eq!(env.upstream.count(), 1);
     env.stop().await;
@@ -798,7 +577,7 @@ async fn time_claims_are_enforced_with_the_default_five_second_skew() {
         let mut claims = env.clerk.claims("user_1");
         claims[claim] = value;
         let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
-        assert_eq!(reply.status, 401, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 401, "{name}: {}", reply.text());
         assert_eq!(reply.reason(), reason, "{name}");
     }
     assert_eq!(env.upstream.count(), 0);
@@ -808,7 +587,7 @@ async fn time_claims_are_enforced_with_the_default_five_second_skew() {
     let mut claims = env.clerk.claims("user_1");
     claims["exp"] = json!(t - 1);
     let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     env.stop().await;
 }
 
@@ -820,7 +599,7 @@ async fn pending_session_is_signed_out_by_default() {
 
     let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "session-pending");
     assert_eq!(env.upstream.count(), 0);
     env.stop().await;
@@ -834,7 +613,7 @@ async fn pending_session_is_accepted_when_pending_as_signed_out_is_false() {
 
     let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.last().headers["x-user-id"], "user_1");
     env.stop().await;
 }
@@ -859,7 +638,7 @@ async fn machine_oauth_and_non_session_tokens_are_rejected_with_token_type_misma
         ("cat M2M", m2m),
     ] {
         let reply = env.get("/orders", Some(&token), &[]).await;
-        assert_eq!(reply.status, 401, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 401, "{name}: {}", reply.text());
         assert_eq!(reply.reason(), "token-type-mismatch", "{name}");
     }
     assert_eq!(env.upstream.count(), 0);
@@ -870,7 +649,7 @@ async fn machine_oauth_and_non_session_tokens_are_rejected_with_token_type_misma
         claims,
     );
     let reply = env.get("/orders", Some(&session), &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     env.stop().await;
 }
 
@@ -880,7 +659,7 @@ async fn missing_token_is_401_with_a_bearer_challenge_without_an_error_code() {
 
     let reply = env.get("/orders", None, &[]).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "session-token-missing");
     // RFC 6750 section 3.1: no error code when the request carried no credentials.
     assert_eq!(
@@ -913,15 +692,16 @@ async fn path_tricks_cannot_steer_a_member_around_the_admin_rule() {
         "/admin%3bx/secret",
         "/%61dmin/x",
     ] {
-        let reply = env.raw(target, &[("Authorization", &bearer)]).await;
-        assert_eq!(reply.status, 403, "{target}: {}", reply.body);
+        let reply = env.raw_get(target, &[("Authorization", &bearer)]).await;
+        assert_eq!(reply.status, 403, "{target}: {}", reply.text());
         assert_eq!(reply.reason(), "org-role-mismatch", "{target}");
 
-        let reply = env.raw(target, &[]).await;
+        let reply = env.raw_get(target, &[]).await;
         assert_eq!(
-            reply.status, 401,
+            reply.status,
+            401,
             "{target} without a token: {}",
-            reply.body
+            reply.text()
         );
         assert_eq!(reply.reason(), "session-token-missing", "{target}");
     }
@@ -938,8 +718,8 @@ async fn encoded_slash_in_a_path_is_rejected_with_400() {
         "/public%2f..%2fadmin/x",
         "/public/..%5Cadmin",
     ] {
-        let reply = env.raw(target, &[]).await;
-        assert_eq!(reply.status, 400, "{target}: {}", reply.body);
+        let reply = env.raw_get(target, &[]).await;
+        assert_eq!(reply.status, 400, "{target}: {}", reply.text());
         assert_eq!(reply.reason(), "path-encoded-slash", "{target}");
     }
     assert_eq!(env.upstream.count(), 0);
@@ -964,8 +744,8 @@ async fn upstream_receives_the_same_normalised_path_the_rules_were_matched_again
         ("//admin/x", &admin, "/admin/x"),
     ];
     for (target, bearer, expected) in cases {
-        let reply = env.raw(target, &[("Authorization", bearer)]).await;
-        assert_eq!(reply.status, 200, "{target}: {}", reply.body);
+        let reply = env.raw_get(target, &[("Authorization", bearer)]).await;
+        assert_eq!(reply.status, 200, "{target}: {}", reply.text());
         assert_eq!(env.upstream.last().uri.path(), expected, "{target}");
     }
     env.stop().await;
@@ -983,7 +763,7 @@ async fn session_cookie_with_a_fresh_client_uat_is_accepted_and_never_forwarded(
     for uat in [iat, iat - 30] {
         let cookie = format!("theme=dark; __session={token}; __client_uat={uat}; pref=a=b%3Dc");
         let reply = env.with_cookie("/orders", &cookie).await;
-        assert_eq!(reply.status, 200, "uat {uat}: {}", reply.body);
+        assert_eq!(reply.status, 200, "uat {uat}: {}", reply.text());
         let seen = env.upstream.last();
         assert_eq!(seen.headers["x-user-id"], "user_cookie");
         assert_eq!(
@@ -1019,7 +799,7 @@ async fn session_cookie_without_a_fresh_client_uat_is_rejected() {
     ];
     for (cookie, reason) in &cases {
         let reply = env.with_cookie("/orders", cookie).await;
-        assert_eq!(reply.status, 401, "{reason}: {}", reply.body);
+        assert_eq!(reply.status, 401, "{reason}: {}", reply.text());
         assert_eq!(reply.reason(), *reason);
     }
     assert_eq!(env.upstream.count(), 0);
@@ -1037,7 +817,7 @@ async fn suffixed_session_cookie_of_this_instance_is_accepted_and_removed() {
     let cookie = format!("__session_{suffix}={token}; __client_uat_{suffix}={iat}; theme=dark");
     let reply = env.with_cookie("/orders", &cookie).await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert_eq!(seen.headers["x-user-id"], "user_suffixed");
     assert_eq!(seen.headers["cookie"], "theme=dark");
@@ -1058,14 +838,14 @@ async fn authorization_header_wins_over_the_session_cookie() {
     let reply = env
         .get("/orders", Some(&header_token), &[("cookie", &cookie)])
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(env.upstream.last().headers["x-user-id"], "user_header");
 
     // A bad header token is not rescued by a good cookie.
     let reply = env
         .get("/orders", Some("not.a.token"), &[("cookie", &cookie)])
         .await;
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "token-invalid");
     assert_eq!(env.upstream.count(), 1);
     env.stop().await;
@@ -1078,7 +858,7 @@ async fn forward_token_sends_the_authorization_header_upstream() {
 
     let reply = env.get("/orders", Some(&token), &[]).await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert_eq!(
         seen.headers["authorization"],
@@ -1097,7 +877,7 @@ async fn session_cookie_is_ignored_when_accept_cookie_is_false() {
 
     let reply = env.with_cookie("/orders", &cookie).await;
 
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "session-token-missing");
     assert_eq!(env.upstream.count(), 0);
     env.stop().await;
@@ -1125,7 +905,7 @@ async fn v1_and_v2_org_claims_reach_upstream_as_the_same_decoded_headers() {
 
     for (name, claims) in [("v2", v2), ("v1", v1)] {
         let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
-        assert_eq!(reply.status, 200, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
         let seen = env.upstream.last();
         assert_eq!(seen.headers["x-org-id"], "org_1", "{name}");
         assert_eq!(seen.headers["x-org-role"], "org:admin", "{name}");
@@ -1166,7 +946,7 @@ async fn route_requirements_are_enforced_with_403() {
     ];
     for (path, token, status, reason) in cases {
         let reply = env.get(path, Some(token), &[]).await;
-        assert_eq!(reply.status, status, "{path}: {}", reply.body);
+        assert_eq!(reply.status, status, "{path}: {}", reply.text());
         assert_eq!(reply.reason(), reason, "{path}");
     }
     assert_eq!(
@@ -1187,7 +967,7 @@ async fn impersonation_actor_and_the_verified_payload_reach_upstream() {
 
     let reply = env.get("/orders", Some(&token), &[]).await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert_eq!(seen.headers["x-user-id"], "user_1");
     assert_eq!(seen.headers["x-actor-id"], "user_support");
@@ -1207,7 +987,7 @@ async fn forward_claims_false_removes_the_claims_header() {
         )
         .await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert_eq!(seen.headers["x-user-id"], "user_1");
     assert!(
@@ -1226,7 +1006,7 @@ async fn claim_with_cr_lf_is_dropped_and_cannot_inject_a_header() {
 
     let reply = env.get("/orders", Some(&env.clerk.mint(claims)), &[]).await;
 
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert!(seen.headers.get("x-note").is_none(), "{:?}", seen.headers);
     assert!(
@@ -1249,7 +1029,7 @@ async fn forward_auth_answers_with_identity_headers_and_never_contacts_the_upstr
     let token = env.clerk.session_token("user_1");
 
     let reply = env.get("/_clerkgate/auth", Some(&token), &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-user-id"), Some("user_1"));
     assert!(
         reply
@@ -1258,7 +1038,7 @@ async fn forward_auth_answers_with_identity_headers_and_never_contacts_the_upstr
     );
 
     let reply = env.get("/_clerkgate/auth", None, &[]).await;
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "session-token-missing");
 
     assert_eq!(env.upstream.count(), 0);
@@ -1283,27 +1063,27 @@ async fn forward_auth_applies_the_route_rules_of_the_original_uri() {
             &[("X-Forwarded-Uri", "/public/x?y=1")],
         )
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.header("x-user-id").is_none());
 
     // nginx: X-Original-URI of an admin page.
     let original = [("X-Original-URI", "/admin/x")];
     let reply = env.get("/_clerkgate/auth", Some(&member), &original).await;
-    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(reply.status, 403, "{}", reply.text());
     assert_eq!(reply.reason(), "org-role-mismatch");
     let reply = env.get("/_clerkgate/auth", Some(&admin), &original).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-org-role"), Some("org:admin"));
     let dotted = [("X-Original-URI", "/public/../admin/x")];
     let reply = env.get("/_clerkgate/auth", Some(&member), &dotted).await;
-    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(reply.status, 403, "{}", reply.text());
 
     // Envoy: the original path below the endpoint.
     let reply = env.get("/_clerkgate/auth/public/x", None, &[]).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     assert!(reply.header("x-user-id").is_none());
     let reply = env.get("/_clerkgate/auth/admin/x", None, &[]).await;
-    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.reason(), "session-token-missing");
 
     assert_eq!(env.upstream.count(), 0);
@@ -1334,14 +1114,16 @@ async fn forward_auth_cannot_be_steered_by_a_passed_through_x_forwarded_uri() {
     for (path, headers) in cases {
         let reply = env.get(path, None, headers).await;
         assert_eq!(
-            reply.status, 400,
+            reply.status,
+            400,
             "{path} {headers:?}: unauthenticated request for /admin/x got {} {}",
-            reply.status, reply.body
+            reply.status,
+            reply.text()
         );
         assert!(
-            reply.body.contains("forward-auth-uri-ambiguous"),
+            reply.text().contains("forward-auth-uri-ambiguous"),
             "{}",
-            reply.body
+            reply.text()
         );
     }
     assert_eq!(env.upstream.count(), 0);
@@ -1356,7 +1138,7 @@ async fn optional_route_adds_identity_only_for_a_valid_token() {
     let spoof = [("X-User-Id", "user_evil")];
 
     let reply = env.get("/feed/latest", None, &spoof).await;
-    assert_eq!(reply.status, 200, "no token: {}", reply.body);
+    assert_eq!(reply.status, 200, "no token: {}", reply.text());
     assert_anonymous(&env.upstream.last().headers);
 
     let mut expired = env.clerk.claims("user_1");
@@ -1367,7 +1149,7 @@ async fn optional_route_adds_identity_only_for_a_valid_token() {
         ("garbage", "garbage".to_owned()),
     ] {
         let reply = env.get("/feed/latest", Some(&bad), &spoof).await;
-        assert_eq!(reply.status, 200, "{name}: {}", reply.body);
+        assert_eq!(reply.status, 200, "{name}: {}", reply.text());
         let seen = env.upstream.last();
         assert_anonymous(&seen.headers);
         assert!(seen.headers.get("authorization").is_none(), "{name}");
@@ -1380,7 +1162,7 @@ async fn optional_route_adds_identity_only_for_a_valid_token() {
             &spoof,
         )
         .await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     assert_eq!(
         seen.headers.get_all("x-user-id").iter().collect::<Vec<_>>(),

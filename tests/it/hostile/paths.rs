@@ -4,8 +4,9 @@
 //! for encoded slashes, and forward-auth URIs. The property throughout: the route rule is
 //! decided on the same path the upstream receives.
 
-use crate::kit::{Env, ROUTES, assert_refused, values};
+use super::kit::ROUTES;
 use crate::support::FakeClerk;
+use crate::support::env::{Env, assert_refused, values};
 
 fn org_token(clerk: &FakeClerk, sub: &str, role: &str) -> String {
     let mut claims = clerk.claims(sub);

@@ -6,7 +6,7 @@
 use clerkgate::telemetry::{WebhookEventType, WebhookResult};
 use serde_json::{Value, json};
 
-use crate::kit::{Env, assert_refused, b64, payload_segment};
+use crate::support::env::{Env, assert_refused, b64, payload_segment};
 use crate::support::now;
 
 fn webhook_toml(env_secret: &str, extra: &str) -> String {
@@ -14,7 +14,7 @@ fn webhook_toml(env_secret: &str, extra: &str) -> String {
 }
 
 async fn start(extra: &str) -> Env {
-    let secret = crate::kit::shared_clerk().webhook_secret();
+    let secret = crate::support::env::shared_clerk().webhook_secret();
     Env::start(&webhook_toml(secret, extra)).await
 }
 
@@ -35,7 +35,7 @@ fn revoke_body(sid: &str) -> String {
 }
 
 /// Posts a delivery; `headers` are svix-id, svix-timestamp, svix-signature values.
-async fn post(env: &Env, id: &str, ts: &str, sig: &str, body: &[u8]) -> crate::kit::Reply {
+async fn post(env: &Env, id: &str, ts: &str, sig: &str, body: &[u8]) -> crate::support::raw::Reply {
     let resp = env
         .http
         .post(env.gate.url("/webhooks/clerk"))
@@ -46,7 +46,7 @@ async fn post(env: &Env, id: &str, ts: &str, sig: &str, body: &[u8]) -> crate::k
         .send()
         .await
         .expect("clerkgate answers");
-    crate::kit::Reply {
+    crate::support::raw::Reply {
         status: resp.status().as_u16(),
         headers: resp.headers().clone(),
         body: resp.bytes().await.expect("body").to_vec(),

@@ -4,10 +4,10 @@
 
 use serde_json::{Value, json};
 
-use crate::kit::{
-    Env, PinnedKey, Reply, assert_refused, b64, other_instance, payload_segment, values,
-};
+use super::kit::PinnedKey;
+use crate::support::env::{Env, assert_refused, b64, other_instance, payload_segment, values};
 use crate::support::now;
+use crate::support::raw::Reply;
 
 /// Sends `token` as a bearer token and checks the refusal and that nothing reached upstream.
 async fn expect_refused(env: &Env, case: &str, token: &str, status: u16, reason: &str) {
@@ -510,37 +510,20 @@ async fn non_ascii_tokens_are_refused() {
 async fn a_verified_sub_that_cannot_be_a_header_value_never_leaves_the_upstream_without_x_user_id()
 {
     // Clerk user ids are plain ASCII, but the invariant an upstream relies on is that a request on a
-    // `required` route carries the verified user id. clerkgate drops identity values that are
-    // not valid header values (good: no injection), but then forwards the request anyway with
-    // no X-User-Id at all, while X-Clerk-Claims says it was authenticated.
+    // `required` route carries the verified user id. A `sub` that cannot travel as a header
+    // value whole is refused at verification (src/auth/verify.rs, `header_safe`), never
+    // forwarded without X-User-Id next to an X-Clerk-Claims that says it was authenticated.
     let env = Env::start("").await;
     for (case, sub) in [
         ("CR LF in sub", "user_1\r\nX-Injected: 1"),
         ("DEL in sub", "user_1\u{7f}"),
     ] {
-        let before = env.upstream.count();
         let reply = env
             .get("/orders", Some(&env.clerk.session_token(sub)), &[])
             .await;
-        if reply.status == 200 {
-            let seen = env.upstream.last();
-            assert!(seen.headers.get("x-injected").is_none(), "{case}");
-            assert_eq!(
-                values(&seen.headers, "x-user-id").len(),
-                1,
-                "{case}: forwarded on a required route without the user id: {:?}",
-                seen.headers
-            );
-        } else {
-            assert_eq!(reply.status, 401, "{case}: {}", reply.text());
-            assert!(
-                reply.reason().starts_with("token-"),
-                "{case}: {}",
-                reply.text()
-            );
-            assert_eq!(env.upstream.count(), before, "{case}");
-        }
+        assert_refused(&reply, 401, "token-verification-failed", case);
     }
+    assert_eq!(env.upstream.count(), 0);
     env.stop().await;
 }
 

@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::common::{Answer, WAIT, get, http, metric, metrics_text, readyz, sample};
-use crate::fakes::{Door, Mode};
+use super::common::{Answer, get};
+use super::fakes::{Door, Mode};
 use crate::support::{
     Endpoint, Failure, FakeClerk, Sidecar, Upstream, client, eventually, user_json,
 };
+use crate::support::{WAIT, http, sample};
 
 /// One Backend API fault, and the `clerkgate_clerk_api_requests_total` result it is counted
 /// as (`None` when the call is abandoned by the request deadline before it ends).
@@ -91,8 +92,8 @@ async fn session_case(clerk: &FakeClerk, i: usize, case: Case) {
         "{name}: fails closed"
     );
     assert_eq!(upstream.count(), 0, "{name}");
-    assert_eq!(readyz(&gate).await, 200, "{name}: the keys are fine");
-    let text = metrics_text(&gate).await;
+    assert_eq!(gate.readyz().await, 200, "{name}: the keys are fine");
+    let text = gate.metrics_text().await;
     let mut expected = vec![
         (
             "clerkgate_session_checks_total{result=\"unavailable\"}".to_owned(),
@@ -130,7 +131,8 @@ async fn session_case(clerk: &FakeClerk, i: usize, case: Case) {
         "{name}: the same token passes once Clerk answers (a 429 after its Retry-After)"
     );
     assert_eq!(
-        metric(&gate, "clerkgate_session_checks_total{result=\"allowed\"}").await,
+        gate.metric("clerkgate_session_checks_total{result=\"allowed\"}")
+            .await,
         1.0,
         "{name}"
     );
@@ -190,19 +192,16 @@ async fn local_api_answers_clerk_outages_in_clerks_shape_and_recovers() {
         (status, code.as_str()),
         (503, "clerkgate_upstream_unavailable")
     );
-    assert_eq!(metric(&gate, &series("upstream_error")).await, 1.0);
+    assert_eq!(gate.metric(&series("upstream_error")).await, 1.0);
     assert_eq!(
-        metric(
-            &gate,
-            "clerkgate_clerk_api_requests_total{endpoint=\"users_get\",result=\"error\"}"
-        )
-        .await,
+        gate.metric("clerkgate_clerk_api_requests_total{endpoint=\"users_get\",result=\"error\"}")
+            .await,
         2.0,
         "one attempt and one retry"
     );
     // The proxy path and readiness do not depend on the Backend API.
     assert_eq!(get(&gate, "/p", &token).await.status, 200);
-    assert_eq!(readyz(&gate).await, 200);
+    assert_eq!(gate.readyz().await, 200);
     door.heal().await;
     let (status, _, body) = local_get(&gate, "/v1/users/user_a").await;
     assert_eq!((status, body["first_name"].as_str()), (200, Some("Ann")));
@@ -228,8 +227,8 @@ async fn local_api_answers_clerk_outages_in_clerks_shape_and_recovers() {
         let (status, _, body) = local_get(&gate, &format!("/v1/users/{user}")).await;
         assert_eq!((status, body["id"].as_str()), (200, Some(user)));
     }
-    assert_eq!(metric(&gate, &series("upstream_error")).await, 3.0);
-    assert_eq!(metric(&gate, &series("ok")).await, 3.0);
+    assert_eq!(gate.metric(&series("upstream_error")).await, 3.0);
+    assert_eq!(gate.metric(&series("ok")).await, 3.0);
 
     // A one-off client, as an operator's curl would be: the admin side is healthy throughout.
     let livez = client().get(gate.admin_url("/livez")).send().await;

@@ -5,11 +5,13 @@
 
 use serde_json::json;
 
-use crate::kit::{
-    Env, ROUTES, RawUpstream, WAIT, assert_refused, find, fold, shared_clerk, values,
-};
+use super::kit::ROUTES;
 use crate::support::Sidecar;
+use crate::support::WAIT;
+use crate::support::env::{Env, assert_refused, fold, shared_clerk, values};
+use crate::support::raw::find;
 use crate::support::sidecar::{base_toml, config};
+use crate::support::upstreams::RawUpstream;
 
 /// Names only clerkgate may send upstream (folded), besides the `x-clerk-` prefix.
 const RESERVED: &[&str] = &[
@@ -312,7 +314,7 @@ async fn malformed_header_lines_never_smuggle_an_identity_header() {
 
 /// clerkgate in front of a [`RawUpstream`], against the shared fake Clerk.
 async fn gate_before_raw(extra: &str) -> (RawUpstream, Sidecar) {
-    let raw = RawUpstream::start().await;
+    let raw = RawUpstream::recording().await;
     let clerk = shared_clerk();
     let gate =
         Sidecar::start_config(config(&base_toml(&clerk, &raw.url()), extra).expect("config")).await;
@@ -342,7 +344,7 @@ async fn identity_headers_in_a_chunked_trailer_section_never_reach_the_upstream(
              TE: trailers\r\nConnection: close\r\n\r\n\
              5\r\nhello\r\n6\r\n world\r\n0\r\n{trailers}\r\n"
         );
-        let replies = crate::kit::send_raw(gate.proxy, request.as_bytes()).await;
+        let replies = crate::support::raw::send_raw(gate.proxy, request.as_bytes()).await;
         assert_eq!(
             replies.iter().map(|r| r.status).collect::<Vec<_>>(),
             [200],

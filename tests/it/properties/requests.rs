@@ -6,19 +6,19 @@
 //! `-`, repeated lines, arbitrary `x-clerk-*` names.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 
+use super::cases;
+use crate::support::env::shared_clerk;
+use crate::support::fold;
+use crate::support::raw::send_raw;
 use crate::support::{FakeClerk, Sidecar, SigningKey, Upstream};
-use crate::{cases, fold};
 
 /// Routes: `/public/**` public, `/feed/**` optional, everything else required.
 const ROUTES: &str = r#"
@@ -83,11 +83,9 @@ fn runtime() -> &'static Runtime {
     })
 }
 
+/// The shared fake Clerk (no property changes it or counts its fetches).
 fn clerk() -> Arc<FakeClerk> {
-    static CLERK: OnceLock<Arc<FakeClerk>> = OnceLock::new();
-    CLERK
-        .get_or_init(|| Arc::new(runtime().block_on(FakeClerk::start())))
-        .clone()
+    shared_clerk()
 }
 
 /// A key with the fake Clerk's kid that the fake Clerk never published.
@@ -140,28 +138,10 @@ impl Gate {
             request.extend_from_slice(b"\r\n");
         }
         request.extend_from_slice(b"\r\n");
-        let addr = self.sidecar.proxy;
-        let response = runtime().block_on(async move {
-            let exchange = async {
-                let mut stream = TcpStream::connect(addr).await?;
-                stream.write_all(&request).await?;
-                let mut response = Vec::new();
-                stream.read_to_end(&mut response).await?;
-                Ok::<_, std::io::Error>(response)
-            };
-            tokio::time::timeout(Duration::from_secs(10), exchange)
-                .await
-                .expect("clerkgate answered in time")
-                .expect("exchange")
-        });
-        let text = String::from_utf8_lossy(&response);
-        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
-        (status, body.to_owned())
+        let mut replies = runtime().block_on(send_raw(self.sidecar.proxy, &request));
+        assert_eq!(replies.len(), 1, "one response to {target}");
+        let reply = replies.remove(0);
+        (reply.status, reply.text())
     }
 }
 

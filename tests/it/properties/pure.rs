@@ -7,7 +7,8 @@ use clerkgate::proxy::path::{EncodedSlashes, normalize};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 
-use crate::{cases, fold};
+use super::cases;
+use crate::support::fold;
 
 /// Pieces that matter to normalisation: separators, dots and their encodings, params,
 /// escapes (valid, invalid, of unreserved characters, of UTF-8), controls.

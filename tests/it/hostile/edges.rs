@@ -16,7 +16,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::kit::{Env, WAIT, assert_refused, find, shared_clerk};
+use crate::support::WAIT;
+use crate::support::env::{Env, assert_refused, shared_clerk};
+use crate::support::raw::{find, read_head, status_of};
 use crate::support::{Sidecar, client};
 
 /// Public, optional and required routes: the three places a tunnel could start from.
@@ -137,31 +139,6 @@ fn h1_or_upgrade(mut req: Request<Incoming>, log: Log) -> Response<Full<Bytes>> 
         .expect("101 response")
 }
 
-/// Reads one response head (up to the blank line) from `stream`.
-async fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    let read = async {
-        while find(&head, b"\r\n\r\n").is_none() {
-            match stream.read(&mut byte).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => head.push(byte[0]),
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, read)
-        .await
-        .expect("a head in time");
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-fn status_of(head: &str) -> u16 {
-    head.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Tries to speak HTTP/2 on a connection clerkgate already answered: what an attacker does
 /// after a `101`. Returns the status of a request for `/admin/secret` claiming to be
 /// `user_evil`, if any HTTP/2 exchange got through.
@@ -223,7 +200,7 @@ async fn an_h2c_upgrade_never_becomes_a_tunnel_on_any_route_with_or_without_a_to
             .write_all(h2c_request(path, token).as_bytes())
             .await
             .unwrap();
-        let head = read_head(&mut stream).await;
+        let head = read_head(&mut stream).await.expect("a response head");
         assert_eq!(status_of(&head), want, "{case}: {head}");
         assert!(
             !head.to_ascii_lowercase().contains("upgrade: h2c"),
@@ -360,7 +337,7 @@ async fn a_101_the_client_did_not_ask_for_is_502_and_never_tunnelled() {
     ] {
         let mut stream = TcpStream::connect(gate.proxy).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
-        let head = read_head(&mut stream).await;
+        let head = read_head(&mut stream).await.expect("a response head");
         assert_eq!(status_of(&head), 502, "{head}");
         // The attacker's next bytes stay on clerkgate's side.
         let _ = stream
@@ -368,7 +345,7 @@ async fn a_101_the_client_did_not_ask_for_is_502_and_never_tunnelled() {
             .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut replies = crate::kit::send_raw(
+    let mut replies = crate::support::raw::send_raw(
         gate.proxy,
         b"GET /public/y HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
     )
@@ -403,7 +380,7 @@ async fn a_websocket_handshake_answered_with_another_protocol_is_502() {
         )
         .await
         .unwrap();
-    let head = read_head(&mut stream).await;
+    let head = read_head(&mut stream).await.expect("a response head");
     assert_eq!(status_of(&head), 502, "{head}");
     let _ = stream.write_all(b"tunnel bytes").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -494,11 +471,11 @@ async fn path_and_method_override_headers_never_reach_the_upstream() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = env.upstream.last();
     for (name, _) in overrides {
-        let folded = crate::kit::fold(name);
+        let folded = crate::support::env::fold(name);
         assert!(
             seen.headers
                 .keys()
-                .all(|k| crate::kit::fold(k.as_str()) != folded),
+                .all(|k| crate::support::env::fold(k.as_str()) != folded),
             "{name} reached the upstream"
         );
     }
@@ -554,7 +531,7 @@ async fn client_ip_headers_are_replaced_or_removed_unless_trusted() {
         .map(|k| k.as_str().to_owned())
         .filter(|k| {
             sent.iter()
-                .any(|(s, _)| crate::kit::fold(s) == crate::kit::fold(k))
+                .any(|(s, _)| crate::support::env::fold(s) == crate::support::env::fold(k))
         })
         .collect();
     names.sort();
@@ -720,7 +697,7 @@ async fn a_connection_still_sending_a_body_is_never_lent_to_another_request() {
         .write_all(b"POST /upload HTTP/1.1\r\nHost: app.example\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
         .await
         .unwrap();
-    let head = read_head(&mut uploader).await;
+    let head = read_head(&mut uploader).await.expect("a response head");
     assert_eq!(status_of(&head), 404, "the upstream answered early: {head}");
 
     // Unrelated requests are served at once, not after upstream_timeout_seconds.

@@ -5,90 +5,19 @@
 //! variable on the test machine cannot change the outcome, and every wait on a child is
 //! bounded: a hung child is killed and the test fails.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_clerkgate");
-/// Upper bound for any one wait on a child.
-const WAIT: Duration = Duration::from_secs(20);
+use crate::support::process::{CHILD_WAIT as WAIT, Running, TempFile, command, run};
+
 /// `clerk.clerk.dev` (clerk-protocol.md §2.5 test vectors).
 const PUBLISHABLE_KEY: &str = "pk_test_Y2xlcmsuY2xlcmsuZGV2JA";
 const SECRET_KEY: &str = "sk_test_cli_do_not_print_me";
 /// Exit code for configuration errors (sysexits EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
-
-/// `clerkgate <args>` with a cleared environment plus `PATH` and `env`.
-fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_clear().stdin(Stdio::null());
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs(env.iter().copied());
-    cmd
-}
-
-/// Kills and reaps the child when dropped, so a failing test leaves no process behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    fn code(&self) -> i32 {
-        self.status.code().expect("exited, not killed by a signal")
-    }
-}
-
-/// Runs `clerkgate <args>` to completion within [`WAIT`].
-fn run(args: &[&str], env: &[(&str, &str)]) -> Finished {
-    let mut child = Running(
-        command(args, env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn clerkgate"),
-    );
-    // Read both pipes on threads so a chatty child cannot block on a full pipe.
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.0.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.0.stderr.take().unwrap()));
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "clerkgate {args:?} did not exit within {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Finished {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
 
 /// A port on 127.0.0.1 that was free a moment ago (bound, then released).
 fn free_port() -> u16 {
@@ -97,34 +26,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A file under the system temp dir, removed when dropped.
-struct TempFile(std::path::PathBuf);
-
-impl TempFile {
-    fn with(name: &str, contents: &str) -> TempFile {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "clerkgate-cli-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::write(&path, contents).unwrap();
-        TempFile(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 const KEYS: [(&str, &str); 2] = [
@@ -306,19 +207,17 @@ async fn dev_mode_serves_the_printed_token_and_mints_more() {
     assert_eq!(dev.admin, format!("http://{admin}"));
 
     let readyz = format!("{}/readyz", dev.admin);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !http()
-        .get(&readyz)
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dev never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        crate::support::eventually(WAIT, async || {
+            http()
+                .get(&readyz)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "dev never became ready"
+    );
     let health = tokio::task::spawn_blocking(move || run(&["healthcheck", "--url", &readyz], &[]))
         .await
         .unwrap();

@@ -1,5 +1,5 @@
 //! Inputs the fuzz targets (and these properties) found, kept as tests. A finding whose fix is
-//! still pending is `#[ignore = "BUG: ..."]` (run with `cargo test --test properties --
+//! still pending is `#[ignore = "BUG: ..."]` (run with `cargo test --test it properties --
 //! --ignored`) and skipped in its fuzz target behind a `KNOWN BUG` comment; both go with the
 //! fix. None is pending now: the three `strip_token` findings below were fixed in 5fc00c2 and
 //! b127767 while this suite was being written.
@@ -11,7 +11,7 @@ use clerkgate::auth::token::CookieNames;
 use clerkgate::proxy::headers::strip_token;
 use http::{HeaderMap, HeaderValue};
 
-use crate::requests::Gate;
+use super::requests::Gate;
 
 /// The cookie names in a `Cookie` value as a lenient upstream reads them (Go's net/http and
 /// Node's `cookie` both split on `;` and trim the name), whatever the bytes are.

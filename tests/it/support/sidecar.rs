@@ -14,7 +14,7 @@ use figment::providers::{Format, Serialized, Toml};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::FakeClerk;
+use super::{FakeClerk, eventually, http};
 
 /// The recording echo upstream.
 pub struct Upstream {
@@ -166,9 +166,9 @@ impl Sidecar {
         format!("http://{}{path}", self.admin)
     }
 
-    /// Status of GET /readyz.
+    /// Status of GET /readyz (0 when the admin listener does not answer).
     pub async fn readyz(&self) -> u16 {
-        client()
+        http()
             .get(self.admin_url("/readyz"))
             .send()
             .await
@@ -178,19 +178,12 @@ impl Sidecar {
 
     /// Polls /readyz until 200 or the timeout.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while tokio::time::Instant::now() < deadline {
-            if self.readyz().await == 200 {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        false
+        eventually(timeout, async || self.readyz().await == 200).await
     }
 
     /// The Prometheus text from /metrics.
     pub async fn metrics_text(&self) -> String {
-        client()
+        http()
             .get(self.admin_url("/metrics"))
             .send()
             .await
@@ -198,6 +191,12 @@ impl Sidecar {
             .text()
             .await
             .expect("metrics body")
+    }
+
+    /// [`sample`] of the live /metrics text, panicking with the text when the series is absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        sample(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
     }
 
     /// Triggers the drain sequence and waits for it to finish.
@@ -229,4 +228,15 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client builds")
+}
+
+/// The value of one sample (name plus labels exactly as exported) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

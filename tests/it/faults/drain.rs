@@ -7,51 +7,17 @@
 //! complete response, a refused connection, a connection closed before any response byte, or
 //! a broken response (a partial head or a truncated body), which is never acceptable.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{WAIT, http};
-use crate::fakes::{Door, Mode};
-use crate::support::{FakeClerk, Upstream, eventually};
-
-const BIN: &str = env!("CARGO_BIN_EXE_clerkgate");
-
-/// A file under the system temp dir, removed when dropped.
-struct TempConfig(std::path::PathBuf);
-
-impl TempConfig {
-    fn new(contents: &str) -> TempConfig {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("clerkgate-faults-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("clerkgate.toml");
-        std::fs::write(&path, contents).expect("write config");
-        TempConfig(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use super::fakes::{Door, Mode};
+use crate::support::process::{Served, TempFile, command};
+use crate::support::{FakeClerk, Upstream, WAIT, eventually};
 
 /// The TOML for the binary: port 0 everywhere, the fake Clerk (reached at `api_url`, with more
 /// `[clerk]` keys in `clerk_extra`), the local API off.
@@ -89,133 +55,19 @@ level = "info"
     )
 }
 
-/// `clerkgate <args>` with a cleared environment (plus `PATH`).
-fn command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_clear().stdin(Stdio::null());
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd
-}
-
-/// The running binary. Killed and reaped when dropped, so a failing test leaves nothing behind.
-struct Running {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    /// Every stderr line (JSON logs), for failure messages.
-    log: Arc<Mutex<Vec<String>>>,
-    _config: TempConfig,
-}
-
-impl Running {
-    /// Validates the configuration with `check-config`, starts `serve` and waits for the
-    /// "clerkgate listening" log line that names the bound ports.
-    fn start(toml: &str) -> Running {
-        let config = TempConfig::new(toml);
-        let check = command(&["--config", config.path(), "check-config"])
-            .output()
-            .expect("run check-config");
-        assert!(
-            check.status.success(),
-            "check-config: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let mut child = command(&["--config", config.path(), "serve"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn clerkgate");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addrs) = listening(&line) {
-                    let _ = tx.send(addrs);
-                }
-                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        let (proxy, admin) = match rx.recv_timeout(WAIT) {
-            Ok(addrs) => addrs,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("no 'clerkgate listening' line; log: {:?}", log.lock());
-            }
-        };
-        Running {
-            child,
-            proxy,
-            admin,
-            log,
-            _config: config,
-        }
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {}", self.child.id());
-    }
-
-    /// Waits up to `within` for the process to exit.
-    async fn exited(&mut self, within: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        eventually(within, async || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        })
-        .await;
-        status
-    }
-
-    fn log(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-
-    async fn readyz(&self) -> Option<u16> {
-        http()
-            .get(format!("http://{}/readyz", self.admin))
-            .send()
-            .await
-            .ok()
-            .map(|r| r.status().as_u16())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The proxy and admin addresses from the JSON "clerkgate listening" line
-/// (`"proxy":"Some(127.0.0.1:PORT)"`).
-fn listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["message"] != "clerkgate listening" {
-        return None;
-    }
-    let addr = |field: &str| -> Option<SocketAddr> {
-        v[field]
-            .as_str()?
-            .strip_prefix("Some(")?
-            .strip_suffix(')')?
-            .parse()
-            .ok()
-    };
-    Some((addr("proxy")?, addr("admin")?))
+/// Validates the configuration with `check-config`, then starts `serve` and waits for the
+/// "clerkgate listening" log line that names the bound ports.
+fn start(toml: &str) -> Served {
+    let config = TempFile::with("clerkgate.toml", toml);
+    let check = command(&["--config", config.path(), "check-config"], &[])
+        .output()
+        .expect("run check-config");
+    assert!(
+        check.status.success(),
+        "check-config: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Served::start(toml, &[])
 }
 
 /// How one raw request ended.
@@ -370,7 +222,7 @@ async fn sigterm_under_load(workers: usize) {
         &format!("[proxy]\nworker_threads = {workers}\n"),
         1,
     );
-    let mut gate = Running::start(&toml);
+    let mut gate = start(&toml);
     // The reader thread records the "listening" line just after reporting its addresses.
     let wanted = format!("\"runtime_workers\":{workers}");
     assert!(
@@ -536,7 +388,7 @@ async fn request_still_running_at_the_drain_deadline_is_cut_off_and_the_exit_is_
     const DRAIN: u64 = 1;
     let clerk = FakeClerk::start().await;
     let upstream = Upstream::start().await;
-    let mut gate = Running::start(&config_toml(
+    let mut gate = start(&config_toml(
         &clerk,
         &clerk.url,
         "",
@@ -589,7 +441,7 @@ async fn sigterm_while_a_jwks_fetch_hangs_still_exits_within_the_drain_deadline(
     let door = Door::open_to(&clerk.url).await;
     let upstream = Upstream::start().await;
     // Keys refresh every ~1 s; a fetch may take up to 8 s before it times out.
-    let mut gate = Running::start(&config_toml(
+    let mut gate = start(&config_toml(
         &clerk,
         &door.url(),
         "jwks_ttl_seconds = 1\njwks_fetch_timeout_seconds = 8",
@@ -627,7 +479,7 @@ async fn sigterm_while_a_jwks_fetch_hangs_still_exits_within_the_drain_deadline(
 async fn access_lines_name_each_request_and_never_its_secrets() {
     let clerk = FakeClerk::start().await;
     let upstream = Upstream::start().await;
-    let gate = Running::start(&config_toml(&clerk, &clerk.url, "", &upstream.url(), 0, 5));
+    let gate = start(&config_toml(&clerk, &clerk.url, "", &upstream.url(), 0, 5));
     assert!(
         eventually(WAIT, async || gate.readyz().await == Some(200)).await,
         "ready; log:\n{}",

@@ -43,6 +43,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::env::random_hex;
+
 const FRONTEND_API: &str = "fake-instance.clerk.accounts.dev";
 const ISSUER: &str = "https://fake-instance.clerk.accounts.dev";
 
@@ -572,12 +574,6 @@ impl Shared {
 
 fn new_key(kid: &str) -> SigningKey {
     SigningKey::generate(kid).expect("generate an RSA-2048 signing key")
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    aws_lc_rs::rand::fill(&mut buf).expect("system RNG");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::common::{get, start_with_upstream_url, wait_ready};
+use super::common::{get, start_with_upstream_url, wait_ready};
 use crate::support::{FakeClerk, Sidecar};
 
 #[derive(Clone, Copy)]
@@ -31,8 +32,8 @@ struct CountingUpstream {
     accepted: Arc<AtomicUsize>,
     /// Connections the proxy closed (EOF while the upstream waited for a request).
     closed_by_proxy: Arc<AtomicUsize>,
-    /// Connections open right now.
-    open: Arc<AtomicUsize>,
+    /// Connections open right now, announced on every change.
+    open: watch::Sender<usize>,
     task: JoinHandle<()>,
 }
 
@@ -48,16 +49,16 @@ impl CountingUpstream {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let closed_by_proxy = Arc::new(AtomicUsize::new(0));
-        let open = Arc::new(AtomicUsize::new(0));
+        let (open, _) = watch::channel(0usize);
         let (a, c, o) = (accepted.clone(), closed_by_proxy.clone(), open.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                o.fetch_add(1, Ordering::SeqCst);
+                o.send_modify(|n| *n += 1);
                 let (c, o) = (c.clone(), o.clone());
                 tokio::spawn(async move {
                     serve(stream, style, &c).await;
-                    o.fetch_sub(1, Ordering::SeqCst);
+                    o.send_modify(|n| *n -= 1);
                 });
             }
         });
@@ -80,14 +81,10 @@ impl CountingUpstream {
 
     /// Waits up to 5 s until no more than `n` connections are open.
     async fn open_at_most(&self, n: usize) -> bool {
-        let settled = async {
-            while self.open.load(Ordering::SeqCst) > n {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), settled)
+        let mut open = self.open.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), open.wait_for(|open| *open <= n))
             .await
-            .is_ok()
+            .is_ok_and(|changed| changed.is_ok())
     }
 }
 

@@ -9,11 +9,6 @@
 //!   path; `strip_reserved` leaves nothing reserved and nothing else changed.
 //! - [`regressions`]: inputs the fuzzers found, replayed.
 
-#[path = "../support/mod.rs"]
-// Each test binary uses a different subset of the shared support re-exports.
-#[allow(unused_imports)]
-mod support;
-
 mod pure;
 mod regressions;
 mod requests;
@@ -28,10 +23,4 @@ pub fn cases(cases: u32) -> Config {
         failure_persistence: None,
         ..Config::default()
     }
-}
-
-/// Lower case with `_` read as `-`: how clerkgate, CGI, nginx and many frameworks compare
-/// header names.
-pub fn fold(name: &str) -> String {
-    name.to_ascii_lowercase().replace('_', "-")
 }

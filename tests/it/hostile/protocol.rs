@@ -8,7 +8,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::kit::{Env, ROUTES, Reply, WAIT, find, memory_lock, parse_responses, rss_kib};
+use super::kit::ROUTES;
+use crate::support::WAIT;
+use crate::support::env::Env;
+use crate::support::raw::read_response;
 
 /// The request every smuggling case tries to slip past clerkgate: no token, admin-only path.
 const SMUGGLED: &str = "GET /admin/smuggled HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
@@ -389,13 +392,16 @@ async fn http2_header_blocks_with_upper_case_or_connection_fields_are_refused() 
     ];
     for (case, path, extra) in cases {
         let outcome = h2_get(&env, path, &extra).await;
-        assert!(
-            matches!(
-                outcome,
-                H2Outcome::StreamReset(PROTOCOL_ERROR) | H2Outcome::GoAway(_)
-            ),
-            "{case}: {outcome:?}"
-        );
+        // An upper-case name fails HPACK decoding, a connection error (RFC 9113 §8.2.1: the
+        // decoder's state can no longer be trusted), so the whole connection goes; a
+        // connection-specific field is a malformed request on a well-decoded block, a stream
+        // error (§8.2.2). Both in the h2 crate's own, fixed, reading.
+        let expected = if case.starts_with("upper-case") || case.starts_with("mixed-case") {
+            H2Outcome::GoAway(PROTOCOL_ERROR)
+        } else {
+            H2Outcome::StreamReset(PROTOCOL_ERROR)
+        };
+        assert_eq!(outcome, expected, "{case}");
         assert_eq!(env.upstream.count(), 0, "{case}");
     }
     // Control: the same exchange in lower case is served, and a lower-case spoofed identity
@@ -416,29 +422,6 @@ async fn http2_header_blocks_with_upper_case_or_connection_fields_are_refused() 
         seen.headers
     );
     env.stop().await;
-}
-
-/// Reads one complete response from a keep-alive connection.
-async fn read_response(stream: &mut TcpStream) -> Option<Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return parse_responses(&buf).into_iter().next();
-            }
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
 }
 
 const KEEP_ALIVE_GET: &[u8] = b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n";
@@ -509,31 +492,24 @@ async fn max_connections_holds_extra_connections_until_a_slot_frees() {
 /// descriptors of the 20 000 soft limit, and other tests run alongside.
 const IDLE: usize = 5000;
 
+/// What they cost in memory is measured on the binary alone by `soak/connections.py`: this
+/// process's RSS also counts every test running alongside.
 #[tokio::test]
-async fn thousands_of_idle_keep_alive_connections_cost_bounded_memory() {
-    let _alone = memory_lock().lock().await;
+async fn thousands_of_idle_keep_alive_connections_do_not_stop_the_proxy_serving() {
     let env = Env::start("[proxy]\nheader_read_timeout_seconds = 60\n").await;
-    let before = rss_kib();
     let held = idle_connections(&env, IDLE).await;
-    let during = rss_kib();
-    let growth_mib = during.saturating_sub(before) / 1024;
-    assert!(
-        growth_mib < 200,
-        "{IDLE} idle connections grew RSS by {growth_mib} MiB ({before} -> {during} KiB)"
-    );
     // Still serving while they are held, and after they are gone.
     assert_eq!(answered_within(&env, WAIT).await, Some(401));
     drop(held);
     assert_eq!(answered_within(&env, WAIT).await, Some(401));
-    eprintln!("{IDLE} idle connections: RSS {before} -> {during} KiB (+{growth_mib} MiB)");
     env.stop().await;
 }
 
+/// That the responses are not buffered (back-pressure: clerkgate's RSS stays far below the
+/// 640 MiB asked for) is measured on the binary alone by `soak/connections.py`.
 #[tokio::test]
-async fn clients_that_never_read_do_not_stall_the_proxy_or_buffer_the_response() {
-    let _alone = memory_lock().lock().await;
+async fn clients_that_never_read_do_not_stall_the_proxy() {
     let env = Env::start("[[routes]]\npath = \"/big/**\"\nauth = \"public\"\n").await;
-    let before = rss_kib();
     // Ten clients ask for 64 MiB each and never read a byte.
     let mut stalled = Vec::new();
     for _ in 0..10 {
@@ -554,12 +530,6 @@ async fn clients_that_never_read_do_not_stall_the_proxy_or_buffer_the_response()
         assert_eq!(reply.body, b"abcdefghij");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Back-pressure, not buffering: 640 MiB were requested, far less may be held.
-    let growth_mib = rss_kib().saturating_sub(before) / 1024;
-    eprintln!("10 stalled 64 MiB downloads: RSS +{growth_mib} MiB");
-    // Half of what was requested: other tests in this process allocate alongside (the lock
-    // only keeps the two RSS tests apart), while buffering would show all 640 MiB.
-    assert!(growth_mib < 320, "RSS grew by {growth_mib} MiB");
     drop(stalled);
     env.stop().await;
 }
