@@ -31,6 +31,18 @@ fn per_core_threads() -> Vec<(String, u64)> {
     out
 }
 
+/// Waits until `n` per-core threads carry their names: a thread names itself once it runs,
+/// which under load can be after clerkgate is already ready.
+async fn wait_for_threads(n: usize) -> Vec<(String, u64)> {
+    let named = crate::support::eventually(Duration::from_secs(10), async || {
+        per_core_threads().len() == n
+    })
+    .await;
+    let threads = per_core_threads();
+    assert!(named, "{n} per-core threads, found {threads:?}");
+    threads
+}
+
 /// Sends `per` sequential requests on each of `connections` separate connections.
 async fn load(url: String, token: &str, connections: usize, per: usize) -> usize {
     let mut tasks = Vec::new();
@@ -93,7 +105,7 @@ async fn per_core_runtimes_each_take_connections_on_a_shared_port() {
     .await;
     assert!(ready, "clerkgate became ready");
 
-    let threads = per_core_threads();
+    let threads = wait_for_threads(2).await;
     let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["clerkgate-rt-1", "clerkgate-rt-2"]);
 
@@ -138,7 +150,7 @@ async fn per_core_runtimes_share_a_listener_bound_without_reuseport() {
         "[proxy]\nruntime = \"per-core\"\nworker_threads = 2\n",
     )
     .await;
-    assert_eq!(per_core_threads().len(), 1);
+    wait_for_threads(1).await;
     let token = clerk.session_token("user_2");
     assert_eq!(load(gate.url("/x"), &token, 16, 10).await, 160);
     assert_eq!(upstream.count(), 160);
