@@ -23,8 +23,8 @@ use crate::revocations::{Guard, InMemoryStore, SessionStore};
 use crate::runtime::{self, RuntimeKind};
 use crate::server::{self, Limits};
 use crate::telemetry::Metrics;
-use crate::webhook::Webhooks;
 use crate::webhook::ledger::{LocalLedger, WebhookLedger};
+use crate::webhook::{Forwarder, Webhooks};
 use std::time::Duration;
 
 /// The listeners, bound by the caller (`main` from the config, tests on port 0).
@@ -188,8 +188,13 @@ impl App {
         // Clerk's rate limit is per instance, so they share its budget and any Retry-After
         // pause.
         let machine = Arc::new(
-            crate::auth::machine::MachineAuth::for_config(&config, &auth, metrics.clone())
-                .with_api(api.clone()),
+            crate::auth::machine::MachineAuth::for_config(
+                &config.machine,
+                &config.headers,
+                &auth,
+                metrics.clone(),
+            )
+            .with_api(api.clone()),
         );
         // Every path that accepts a token (proxy, forward-auth, browser mode, the local API's
         // `tokens/verify`) goes through this one gate.
@@ -201,7 +206,21 @@ impl App {
             config.auth.accept_cookie,
             metrics.clone(),
         ));
-        let browser = crate::browser::Browser::new(&config, gate.clone(), api.clone());
+        let browser = crate::browser::Browser::new(
+            crate::browser::Sections {
+                browser: &config.browser,
+                cors: &config.cors,
+                clerk: &config.clerk,
+                accept_cookie: config.auth.accept_cookie,
+                api_budget_per_10s: config.sessions.api_budget_per_10s,
+                trust_forwarded: config.proxy.trust_forwarded_headers,
+                encoded_slashes: config.proxy.encoded_slashes,
+                connect_timeout: Duration::from_secs(config.proxy.connect_timeout_seconds),
+                upstream_timeout: Duration::from_secs(config.proxy.upstream_timeout_seconds),
+            },
+            gate.clone(),
+            api.clone(),
+        );
         let local_api = match (config.local_api.serves(&config.clerk), api) {
             (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
                 &config.local_api,
@@ -212,13 +231,48 @@ impl App {
             ))),
             _ => None,
         };
-        let mut webhooks = Webhooks::new(&config, sessions.clone(), metrics.clone())?;
-        if let Some(ledger) = ledger {
-            webhooks = webhooks.with_ledger(ledger);
-        }
-        let webhooks = Arc::new(webhooks);
-        let proxy =
-            Arc::new(Proxy::new(&config, gate, webhooks, metrics.clone())?.with_browser(browser));
+        let forwarder = match &config.webhooks.forward_path {
+            Some(path) => Some(Forwarder::new(
+                config
+                    .proxy
+                    .upstream_base()?
+                    .uri(path, None)
+                    .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
+                Duration::from_secs(config.proxy.connect_timeout_seconds),
+                Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
+                Duration::from_secs(config.proxy.upstream_timeout_seconds),
+                config.proxy.upstream_ca_path.as_deref(),
+            )?),
+            None => None,
+        };
+        let ledger = ledger.unwrap_or_else(|| {
+            Arc::new(LocalLedger::new(
+                webhook_retention,
+                config.sessions.max_entries,
+            ))
+        });
+        let webhooks = Arc::new(Webhooks::new(
+            &config.webhooks,
+            forwarder,
+            ledger,
+            sessions.clone(),
+            metrics.clone(),
+        )?);
+        let proxy = Arc::new(
+            Proxy::new(
+                crate::proxy::Sections {
+                    proxy: &config.proxy,
+                    auth: &config.auth,
+                    headers: &config.headers,
+                    routes: &config.routes,
+                    log: &config.log,
+                },
+                gate,
+                webhooks,
+                metrics.clone(),
+            )?
+            .with_browser(browser),
+        );
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());

@@ -28,7 +28,7 @@ use crate::auth::token::{self, Carrier, CookieNames};
 use crate::auth::{AuthError, now_ms};
 use crate::clerk::api::{BackendApi, Call};
 use crate::clerk::publishable_key::{InstanceType, PublishableKey};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::telemetry::ApiEndpoint;
 use sdk::View;
 
@@ -93,7 +93,7 @@ impl Config {
         }
         url::Url::parse(&self.fapi_url)
             .ok()
-            .filter(|u| u.scheme() == "https" || crate::config::is_secure_or_loopback(u))
+            .filter(|u| u.scheme() == "https" || crate::secret::is_secure_or_loopback(u))
             .ok_or_else(|| ConfigError::new("browser.fapi_url", "must be an https URL"))?;
         Ok(())
     }
@@ -168,6 +168,26 @@ struct Handshake {
     share: CallShare,
 }
 
+/// What browser mode reads: its own sections, `[clerk]`, and the few values it shares with the
+/// proxy, the authenticator and the session checks (checked together by `Config::validate`).
+pub struct Sections<'a> {
+    pub browser: &'a Config,
+    pub cors: &'a cors::Config,
+    pub clerk: &'a crate::clerk::Config,
+    /// `auth.accept_cookie`.
+    pub accept_cookie: bool,
+    /// `sessions.api_budget_per_10s`, of which the browser's calls get a fifth.
+    pub api_budget_per_10s: u32,
+    /// `proxy.trust_forwarded_headers`.
+    pub trust_forwarded: bool,
+    /// `proxy.encoded_slashes`, for the Frontend API proxy's paths.
+    pub encoded_slashes: crate::proxy::path::EncodedSlashes,
+    /// `proxy.connect_timeout_seconds` and `proxy.upstream_timeout_seconds`, for the Frontend
+    /// API proxy.
+    pub connect_timeout: std::time::Duration,
+    pub upstream_timeout: std::time::Duration,
+}
+
 /// Browser mode, compiled once.
 pub struct Browser {
     pub cors: cors::Cors,
@@ -219,11 +239,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 impl Browser {
     /// Browser mode for `config`; `api` is the shared Backend API client (absent without a
     /// secret key). Logs once whether the handshake is effective and why not.
-    pub fn new(
-        config: &crate::config::Config,
-        gate: Arc<Gate>,
-        api: Option<Arc<BackendApi>>,
-    ) -> Self {
+    pub fn new(config: Sections<'_>, gate: Arc<Gate>, api: Option<Arc<BackendApi>>) -> Self {
         let pk = config
             .clerk
             .publishable_key
@@ -231,7 +247,7 @@ impl Browser {
             .and_then(|k| PublishableKey::parse(k.trim()).ok());
         let handshake = match (config.browser.handshake, &pk, api) {
             (false, _, _) => None,
-            (true, Some(pk), Some(api)) if config.auth.accept_cookie => {
+            (true, Some(pk), Some(api)) if config.accept_cookie => {
                 let endpoint =
                     url::Url::parse(&format!("https://{}/v1/client/handshake", pk.frontend_api))
                         .ok();
@@ -240,7 +256,7 @@ impl Browser {
                     endpoint,
                     development: pk.instance_type == InstanceType::Development,
                     api,
-                    share: CallShare::new(config.sessions.api_budget_per_10s / 5),
+                    share: CallShare::new(config.api_budget_per_10s / 5),
                 })
             }
             (true, _, _) => {
@@ -255,7 +271,7 @@ impl Browser {
             tracing::info!(frontend_api = %h.frontend_api, development = h.development, "browser handshake on");
         }
         let suffix = pk.as_ref().map(|p| p.cookie_suffix.clone());
-        let fapi = fapi::FapiProxy::new(config);
+        let fapi = fapi::FapiProxy::new(&config);
         if fapi.is_some() {
             let path = config.browser.fapi_proxy_path.trim_end_matches('/');
             if !config.clerk.extra_issuers.iter().any(|i| i.ends_with(path)) {
@@ -268,7 +284,7 @@ impl Browser {
         }
         Self {
             fapi,
-            cors: cors::Cors::new(&config.cors, &config.clerk.authorized_parties),
+            cors: cors::Cors::new(config.cors, &config.clerk.authorized_parties),
             handshake,
             sign_in_url: (!config.browser.sign_in_url.is_empty())
                 .then(|| config.browser.sign_in_url.clone()),
@@ -278,8 +294,8 @@ impl Browser {
             ),
             header_names: CookieNames::new(suffix.as_deref()),
             gate,
-            trust_forwarded: config.proxy.trust_forwarded_headers,
-            accept_cookie: config.auth.accept_cookie,
+            trust_forwarded: config.trust_forwarded,
+            accept_cookie: config.accept_cookie,
         }
     }
 

@@ -12,7 +12,8 @@ pub mod publishable_key;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Secret, is_secure_or_loopback};
+use crate::config::error::ConfigError;
+use crate::secret::{Secret, is_secure_or_loopback};
 use publishable_key::PublishableKey;
 
 /// The Backend API version clerkgate speaks (the one `@clerk/backend` 3.25 pins).

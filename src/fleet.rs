@@ -34,7 +34,7 @@ use redis::streams::StreamReadReply;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::revocations::{
     Availability, Changed, Denied, Guard, InMemoryStore, OpenStreams, SessionRef, SessionStatus,
     SessionStore,

@@ -2,13 +2,15 @@
 //!
 //! # Layout
 //!
-//! - [`config`] composes the sections each module owns and layers defaults, file and env.
+//! - [`config`] composes the sections each module owns and layers defaults, file and env;
+//!   [`config::error`] and [`secret`] are leaves every section imports, so no section imports
+//!   the composed `Config` (and no module imports another in a loop).
 //! - [`clerk`] holds what is Clerk-specific: the instance, publishable keys, claim decoding.
 //! - [`auth`] decides whether a request may pass: [`auth::gate`] is the one call every path
 //!   makes (token extraction, cache or verification, cookie freshness, the revocation check,
 //!   route policy, identity headers), for session and machine tokens alike.
-//! - [`proxy`] is the request path and the upstream client; [`rejection`] the one place that
-//!   maps refusals to responses.
+//! - [`proxy`] is the request path and the upstream client; [`proxy::rejection`] the one
+//!   place that maps refusals to responses.
 //! - [`server`] is the accept loop, [`runtime`] how many threads run it (multi-thread or one
 //!   runtime per CPU), [`admin`] the health and metrics listener, [`shutdown`] the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
@@ -39,9 +41,10 @@ pub mod dev;
 pub mod fleet;
 pub mod local_api;
 pub mod proxy;
-pub mod rejection;
+
 pub mod revocations;
 pub mod runtime;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -58,8 +58,9 @@ use crate::auth::jwks::Unpublished;
 use crate::auth::{AuthError, now_ms};
 use crate::clerk::API_VERSION;
 use crate::clerk::api::{Answer, BackendApi, Call, CallError};
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
 use crate::revocations::Guard;
+use crate::secret::Secret;
 use crate::server::{ConnInfo, Handler};
 use crate::telemetry::{ApiEndpoint, Label, LocalApiRoute, Metrics};
 use cache::{Cached, Caches, ObjectCache};
@@ -125,8 +126,9 @@ const MIN_TOKEN_CHARS: usize = 16;
 const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 impl Config {
-    /// Checks the section, and its address against the other listeners'.
-    pub fn validate(&self, config: &crate::config::Config) -> Result<(), ConfigError> {
+    /// Checks the section (its address against the other listeners' and the shared Backend API
+    /// budget are checked by `Config::validate`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.token
             && token.expose().chars().count() < MIN_TOKEN_CHARS
         {
@@ -203,25 +205,6 @@ impl Config {
                 "local_api.max_body_bytes",
                 "must be at least 1024",
             ));
-        }
-        if self.enabled && config.sessions.api_budget_per_10s == 0 {
-            return Err(ConfigError::new(
-                "sessions.api_budget_per_10s",
-                "must be at least 1 while the local API is enabled (it shares this budget)",
-            ));
-        }
-        if self.enabled && self.listen.port() != 0 {
-            for (key, other) in [
-                ("proxy.listen", config.proxy.listen),
-                ("admin.listen", config.admin.listen),
-            ] {
-                if other == self.listen {
-                    return Err(ConfigError::new(
-                        "local_api.listen",
-                        format!("must differ from {key}"),
-                    ));
-                }
-            }
         }
         Ok(())
     }

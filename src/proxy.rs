@@ -15,6 +15,7 @@ pub mod headers;
 pub mod path;
 pub mod pool;
 pub mod pool_h2;
+pub mod rejection;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +30,11 @@ use serde::{Deserialize, Serialize};
 use crate::auth::gate::{Allowed, Decision, Gate};
 use crate::auth::policy::{Policy, RouteMatch};
 use crate::auth::{SpoofPolicy, now_ms};
-use crate::config::ConfigError;
-use crate::rejection::Rejection;
+use crate::config::error::ConfigError;
 use crate::server::ConnInfo;
 use crate::telemetry::{Label, Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
+use rejection::Rejection;
 
 /// The response body: the upstream's, streamed, or one of ours.
 pub type ProxyBody = Either<forward::UpstreamBody, Full<Bytes>>;
@@ -360,33 +361,48 @@ struct UpstreamTime(Duration);
 #[derive(Clone)]
 struct AccessUser(Box<str>);
 
+/// The sections the request path reads besides its own `[proxy]`, lent by the composed
+/// configuration (which has checked them against each other).
+pub struct Sections<'a> {
+    pub proxy: &'a Config,
+    pub auth: &'a crate::auth::Config,
+    pub headers: &'a crate::auth::identity::HeadersConfig,
+    pub routes: &'a [crate::auth::policy::RouteConfig],
+    pub log: &'a crate::telemetry::LogConfig,
+}
+
 impl Proxy {
     pub fn new(
-        config: &crate::config::Config,
+        sections: Sections<'_>,
         gate: Arc<Gate>,
         webhooks: Arc<crate::webhook::Webhooks>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
-        let p = &config.proxy;
+        let Sections {
+            proxy: p,
+            auth: auth_config,
+            headers,
+            routes,
+            log,
+        } = sections;
         let upstream = p.upstream_base()?;
         let client = pool_h2::Client::new(p, &upstream)?;
         Ok(Self {
             reserved: gate.builder().reserved().to_vec(),
-            strip_request: config
-                .headers
+            strip_request: headers
                 .strip_request
                 .iter()
                 .map(|n| crate::auth::identity::normalise_name(n))
                 .collect(),
             remove_list: answer::RemoveList::new(
                 gate.builder().reserved(),
-                config.auth.forward_token,
+                auth_config.forward_token,
             ),
             gate,
             webhooks,
-            policy: Policy::new(&config.routes),
-            spoof: config.auth.on_spoofed_header,
-            forward_token: config.auth.forward_token,
+            policy: Policy::new(routes),
+            spoof: auth_config.on_spoofed_header,
+            forward_token: auth_config.forward_token,
             upstream,
             client,
             upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
@@ -397,8 +413,8 @@ impl Proxy {
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
             request_ids: RequestIds::new(p.trust_request_id),
-            access_log: config.log.access,
-            access_user_id: config.log.access_user_id,
+            access_log: log.access,
+            access_user_id: log.access_user_id,
             metrics,
             browser: None,
         })
@@ -445,7 +461,7 @@ impl Proxy {
                 fapi.forward(req, &conn).await.map(Either::Right),
                 Outcome::FapiProxy,
             )
-        } else if let Some(grpc) = crate::rejection::grpc_content_type(req.headers()).cloned() {
+        } else if let Some(grpc) = rejection::grpc_content_type(req.headers()).cloned() {
             // A gRPC client reads a refusal from `grpc-status`, not from the HTTP status.
             let (mut resp, outcome) = self.proxy(req, &conn).await;
             match resp.extensions().get::<Rejection>().copied() {

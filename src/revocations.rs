@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[sessions]`: how revocation is enforced.
 #[derive(Debug, Clone, Serialize, Deserialize)]

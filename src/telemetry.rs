@@ -215,7 +215,7 @@ label_enum! {
 }
 
 label_enum! {
-    /// Routes of the pod-local Clerk API ([`crate::local_api`]); `unknown` for anything else.
+    /// Routes of the pod-local Clerk API (`local_api`); `unknown` for anything else.
     pub enum LocalApiRoute {
         UsersGet => "users_get",
         UsersList => "users_list",

@@ -22,10 +22,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
 use crate::revocations::Guard;
+use crate::secret::Secret;
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
-use ledger::{LocalLedger, WebhookClaim, WebhookLedger, WebhookProgress};
+use ledger::{WebhookClaim, WebhookLedger, WebhookProgress};
 use signature::{SignatureError, WebhookSecret};
 
 /// `[webhooks]`: the Clerk webhook endpoint.
@@ -93,7 +94,7 @@ impl Config {
 }
 
 /// Sends verified events to the upstream.
-struct Forwarder {
+pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: http::Uri,
     timeout: Duration,
@@ -144,13 +145,39 @@ pub fn retention(config: &Config) -> Duration {
     Duration::from_secs(config.tolerance_seconds.saturating_mul(2).max(3600))
 }
 
-impl Webhooks {
+impl Forwarder {
+    /// Sends verified events to `uri` on the upstream (`webhooks.forward_path` under
+    /// `proxy.upstream`), with the proxy's timeouts.
     pub fn new(
-        config: &crate::config::Config,
+        uri: http::Uri,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        timeout: Duration,
+        ca_path: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let client = crate::proxy::forward::client(connect_timeout, idle_timeout, 4, ca_path)
+            .map_err(|e| {
+                ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
+            })?;
+        Ok(Self {
+            client,
+            uri,
+            timeout,
+        })
+    }
+}
+
+impl Webhooks {
+    /// The endpoint for `[webhooks]`; `forwarder` sends verified events upstream (set when
+    /// `webhooks.forward_path` is).
+    /// `ledger` keeps the `svix-id` table (the fleet's, to claim deliveries fleet-wide).
+    pub fn new(
+        w: &Config,
+        forwarder: Option<Forwarder>,
+        ledger: Arc<dyn WebhookLedger>,
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
-        let w = &config.webhooks;
         let secret = w
             .secret
             .as_ref()
@@ -163,28 +190,6 @@ impl Webhooks {
                 "no webhook secret (CLERK_WEBHOOK_SECRET): the webhook endpoint answers 503 and revocations arrive only through token expiry"
             );
         }
-        let forwarder = match &w.forward_path {
-            None => None,
-            Some(path) => {
-                let base = config.proxy.upstream_base()?;
-                let client = crate::proxy::forward::client(
-                    Duration::from_secs(config.proxy.connect_timeout_seconds),
-                    Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
-                    4,
-                    config.proxy.upstream_ca_path.as_deref(),
-                )
-                .map_err(|e| {
-                    ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
-                })?;
-                Some(Forwarder {
-                    client,
-                    uri: base
-                        .uri(path, None)
-                        .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
-                    timeout: Duration::from_secs(config.proxy.upstream_timeout_seconds),
-                })
-            }
-        };
         let claim_wait = forwarder
             .as_ref()
             .map_or(Duration::from_secs(5), |f| {
@@ -193,7 +198,7 @@ impl Webhooks {
             .min(Duration::from_secs(15));
         Ok(Self {
             claim_wait,
-            ledger: Arc::new(LocalLedger::new(retention(w), config.sessions.max_entries)),
+            ledger,
             secret,
             path: w.path.clone(),
             max_body: w.max_body_bytes,
@@ -202,12 +207,6 @@ impl Webhooks {
             sessions,
             metrics,
         })
-    }
-
-    /// Keeps the `svix-id` table in `ledger` (the fleet's, to claim deliveries fleet-wide).
-    pub fn with_ledger(mut self, ledger: Arc<dyn WebhookLedger>) -> Self {
-        self.ledger = ledger;
-        self
     }
 
     /// Whether a request is for this endpoint (exact path).

@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 use super::AuthError;
 use super::token::Alg;
 use crate::clerk::{API_VERSION, Instance, KeySource};
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::telemetry::{JwksFetchResult, Label, Metrics};
 
 /// One verification key, parsed and bound to its algorithm.

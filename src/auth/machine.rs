@@ -40,7 +40,8 @@ use super::token;
 use super::verify::Verifier;
 use super::{AuthError, DEFAULT_MAX_TOKEN_BYTES};
 use crate::clerk::api::{BackendApi, Call, CallError};
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
+use crate::secret::Secret;
 use crate::telemetry::{ApiEndpoint, MachineResult, MachineTokenLabel, Metrics};
 
 /// `TokenType` of `@clerk/backend`.
@@ -552,20 +553,22 @@ impl MachineAuth {
         }
     }
 
-    /// The verifier for a configuration, sharing the authenticator's keys and issuer rules.
+    /// The verifier for `[machine]`, sharing the authenticator's keys, issuer rules and token
+    /// length cap (`auth.max_token_bytes`).
     pub fn for_config(
-        config: &crate::config::Config,
+        config: &Config,
+        headers: &HeadersConfig,
         auth: &super::Authenticator,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self::new(
-            &config.machine,
-            &config.headers,
+            config,
+            headers,
             auth.keys().clone(),
             auth.verifier().clone(),
             metrics,
         )
-        .with_max_token_bytes(config.auth.max_token_bytes)
+        .with_max_token_bytes(auth.max_token_bytes)
     }
 
     /// The Backend API client for opaque tokens (absent: opaque tokens are 503).

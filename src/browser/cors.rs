@@ -8,7 +8,7 @@
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// What happens to a CORS preflight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

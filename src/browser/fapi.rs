@@ -9,16 +9,14 @@
 //! `Content-Length`/`Content-Encoding` are recomputed/dropped. The secret key travels only to
 //! `fapi_url` and never back: any `Clerk-Secret-Key` in an answer is removed.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::config::Secret;
 use crate::proxy::headers;
 use crate::proxy::path::{self, EncodedSlashes};
+use crate::secret::Secret;
 use crate::server::ConnInfo;
 
 /// Largest request body forwarded (clerk-js sends small forms).
@@ -54,7 +52,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>>
 impl FapiProxy {
     /// `None` when `browser.fapi_proxy_path` is empty. Needs the secret key (checked by
     /// [`super::Config::validate`]).
-    pub fn new(config: &crate::config::Config) -> Option<Self> {
+    pub fn new(config: &super::Sections<'_>) -> Option<Self> {
         let b = &config.browser;
         if b.fapi_proxy_path.is_empty() {
             return None;
@@ -68,8 +66,8 @@ impl FapiProxy {
         };
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(config.proxy.upstream_timeout_seconds))
-            .connect_timeout(Duration::from_secs(config.proxy.connect_timeout_seconds))
+            .timeout(config.upstream_timeout)
+            .connect_timeout(config.connect_timeout)
             .no_proxy()
             .build()
             .ok()?;
@@ -80,8 +78,8 @@ impl FapiProxy {
             fapi_host,
             secret,
             http,
-            trust_forwarded: config.proxy.trust_forwarded_headers,
-            encoded_slashes: config.proxy.encoded_slashes,
+            trust_forwarded: config.trust_forwarded,
+            encoded_slashes: config.encoded_slashes,
         })
     }
 

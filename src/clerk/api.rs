@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::API_VERSION;
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::telemetry::{ApiEndpoint, ApiResult, Label, Metrics};
 
 /// Why a call did not return the resource.

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::clerk::api::{Answer, CallError};
-use crate::rejection::Rejection;
+use crate::proxy::rejection::Rejection;
 use crate::telemetry::{Label, LocalApiResult};
 
 /// Who asked the caller to slow down.

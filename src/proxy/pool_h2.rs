@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use super::forward::Alpn;
 use super::pool::{Lease, PoolError, UpstreamPool};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Upstream connections a pool multiplexes its streams over.
 pub const CONNECTIONS: usize = 2;

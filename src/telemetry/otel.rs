@@ -37,7 +37,8 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
 
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
+use crate::secret::Secret;
 
 /// The target of every span exported; nothing else is.
 pub const TARGET: &str = "clerkgate::otel";

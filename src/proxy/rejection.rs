@@ -9,10 +9,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use super::ForwardAuthUriError;
+use super::path::PathError;
 use crate::auth::AuthError;
 use crate::auth::policy::PolicyError;
-use crate::proxy::ForwardAuthUriError;
-use crate::proxy::path::PathError;
 use crate::telemetry::{Outcome, UpstreamErrorKind};
 
 /// Why a request was not forwarded.
