@@ -9,6 +9,7 @@
 //! - [`auth`] decides whether a request may pass: [`auth::gate`] is the one call every path
 //!   makes (token extraction, cache or verification, cookie freshness, the revocation check,
 //!   route policy, identity headers), for session and machine tokens alike.
+//! - [`body`] reads bodies with a cap and builds clerkgate's own JSON answers (one helper).
 //! - [`proxy`] is the request path and the upstream client; [`proxy::rejection`] the one
 //!   place that maps refusals to responses.
 //! - [`server`] is the accept loop, [`runtime`] how many threads run it (multi-thread or one
@@ -33,6 +34,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod body;
 pub mod browser;
 pub mod clerk;
 pub mod cli;

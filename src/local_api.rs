@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -56,6 +56,7 @@ use crate::auth::gate::{Gate, Refusal, Verified};
 use crate::auth::identity::Identity;
 use crate::auth::jwks::Unpublished;
 use crate::auth::{AuthError, now_ms};
+use crate::body::BodyError;
 use crate::clerk::API_VERSION;
 use crate::clerk::api::{Answer, BackendApi, Call, CallError};
 use crate::config::error::ConfigError;
@@ -594,12 +595,10 @@ impl LocalApi {
     /// A capped request body that must be a JSON object; passed on byte for byte. `None` when
     /// it is empty and `optional`.
     async fn read_json(&self, body: Incoming, optional: bool) -> Result<Option<Bytes>, LocalError> {
-        let bytes = match Limited::new(body, self.max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(LocalError::BodyTooLarge);
-            }
-            Err(_) => return Err(LocalError::InvalidBody),
+        let bytes = match crate::body::read_capped(body, self.max_body).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::TooLarge) => return Err(LocalError::BodyTooLarge),
+            Err(BodyError::Read(_) | BodyError::Timeout) => return Err(LocalError::InvalidBody),
         };
         if optional && bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);

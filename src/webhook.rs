@@ -16,12 +16,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Body, Incoming};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
+use crate::body::BodyError;
 use crate::config::error::ConfigError;
 use crate::revocations::Guard;
 use crate::secret::Secret;
@@ -126,17 +127,7 @@ fn now_s() -> i64 {
 }
 
 fn reply(status: StatusCode, key: &str, value: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!(
-        "{{\"{key}\":\"{value}\"}}\n"
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    crate::body::json(status, format!("{{\"{key}\":\"{value}\"}}\n"))
 }
 
 /// How long webhook ids are remembered: well past the Svix tolerance window (retries come
@@ -258,16 +249,16 @@ impl Webhooks {
                 "webhook-body-too-large",
             );
         }
-        let body = match Limited::new(body, self.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let body = match crate::body::read_capped(body, self.max_body).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
                 return self.refuse(
                     WebhookResult::TooLarge,
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "webhook-body-too-large",
                 );
             }
-            Err(_) => {
+            Err(BodyError::Read(_) | BodyError::Timeout) => {
                 return self.refuse(
                     WebhookResult::Malformed,
                     StatusCode::BAD_REQUEST,

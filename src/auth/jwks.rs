@@ -516,12 +516,12 @@ async fn fetch(remote: &Remote) -> Result<KeySet, FetchError> {
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
-    let body = crate::clerk::api::read_capped(resp, remote.settings.max_body_bytes)
+    let body = crate::body::read_response_capped(resp, remote.settings.max_body_bytes)
         .await
         .map_err(|e| match e {
-            crate::clerk::api::BodyError::TooLarge => FetchError::TooLarge,
-            crate::clerk::api::BodyError::Timeout => FetchError::Timeout,
-            crate::clerk::api::BodyError::Read(e) => FetchError::Network(e),
+            crate::body::BodyError::TooLarge => FetchError::TooLarge,
+            crate::body::BodyError::Timeout => FetchError::Timeout,
+            crate::body::BodyError::Read(e) => FetchError::Network(e),
         })?;
     parse_jwks(&body)
 }

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::proxy::headers;
@@ -38,15 +38,7 @@ pub struct FapiProxy {
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    crate::body::json(status, body)
 }
 
 impl FapiProxy {
@@ -119,8 +111,8 @@ impl FapiProxy {
         let origin = public.origin().ascii_serialization();
         let proxy_url = format!("{origin}{}", self.path);
 
-        let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
+        let body = match crate::body::read_capped(body, MAX_REQUEST_BYTES).await {
+            Ok(b) => b,
             Err(_) => {
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,7 +179,7 @@ impl FapiProxy {
         };
         let status = resp.status();
         let mut out_headers = resp.headers().clone();
-        let body = match crate::clerk::api::read_capped(resp, MAX_RESPONSE_BYTES).await {
+        let body = match crate::body::read_response_capped(resp, MAX_RESPONSE_BYTES).await {
             Ok(b) => b,
             Err(_) => {
                 return error(

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::API_VERSION;
+use crate::body::{BodyError, read_response_capped};
 use crate::secret::Secret;
 use crate::telemetry::{ApiEndpoint, ApiResult, Label, Metrics};
 
@@ -187,42 +188,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
 
 /// Largest Backend API response body read.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// Why a body could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
-    #[error("body larger than the cap")]
-    TooLarge,
-    #[error("body read failed: {0}")]
-    Read(String),
-    #[error("body read timed out")]
-    Timeout,
-}
-
-/// Reads a response body, refusing to hold more than `max` bytes: a hostile or broken endpoint
-/// cannot make us buffer without bound.
-pub async fn read_capped(resp: reqwest::Response, max: usize) -> Result<Vec<u8>, BodyError> {
-    use futures_util::StreamExt;
-    if resp.content_length().is_some_and(|n| n > max as u64) {
-        return Err(BodyError::TooLarge);
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            if e.is_timeout() {
-                BodyError::Timeout
-            } else {
-                BodyError::Read(e.without_url().to_string())
-            }
-        })?;
-        if body.len() + chunk.len() > max {
-            return Err(BodyError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
 
 /// The part of Clerk's Session object clerkgate uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -434,7 +399,7 @@ impl BackendApi {
             self.budget.pause(seconds);
             seconds
         });
-        let body = read_capped(resp, call.max_body_bytes)
+        let body = read_response_capped(resp, call.max_body_bytes)
             .await
             .map_err(|e| match e {
                 BodyError::Timeout => CallError::Timeout,

@@ -214,18 +214,7 @@ fn errors_body(code: &str, message: &str, long_message: &str) -> Bytes {
 }
 
 fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let json = !body.is_empty();
-    let mut r = Response::new(Full::new(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if json {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    crate::body::json(status, body)
 }
 
 /// `true` for Clerk's error shape: an object with a non-empty `errors` array.

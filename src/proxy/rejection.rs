@@ -161,14 +161,8 @@ impl Rejection {
                 self.reason()
             ),
         };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = self.status();
+        let mut resp = crate::body::json(self.status(), body);
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
             Self::Auth(AuthError::Missing) => {
                 h.insert(
