@@ -134,7 +134,7 @@ impl App {
         );
         // Retain webhook ids well past the Svix tolerance window.
         let webhook_retention = crate::webhook::retention(&config.webhooks);
-        let retention = Duration::from_secs(config.sessions.duration_seconds);
+        let retention = config.sessions.retention();
         let local = Arc::new(InMemoryStore::new(retention, config.sessions.max_entries));
         let fleet = if config.fleet.enabled() {
             let issuer = instance.issuers.first().map_or("default", String::as_str);
@@ -164,7 +164,7 @@ impl App {
                 BackendApi::new(
                     instance.api_url.clone(),
                     secret.clone(),
-                    Duration::from_millis(config.sessions.api_timeout_ms.max(1)),
+                    config.sessions.api_timeout().max(Duration::from_millis(1)),
                     config.sessions.api_budget_per_10s,
                     metrics.clone(),
                 )
@@ -215,8 +215,8 @@ impl App {
                 api_budget_per_10s: config.sessions.api_budget_per_10s,
                 trust_forwarded: config.proxy.trust_forwarded_headers,
                 encoded_slashes: config.proxy.encoded_slashes,
-                connect_timeout: Duration::from_secs(config.proxy.connect_timeout_seconds),
-                upstream_timeout: Duration::from_secs(config.proxy.upstream_timeout_seconds),
+                connect_timeout: config.proxy.connect_timeout(),
+                upstream_timeout: config.proxy.upstream_timeout(),
             },
             gate.clone(),
             api.clone(),
@@ -238,9 +238,9 @@ impl App {
                     .upstream_base()?
                     .uri(path, None)
                     .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
-                Duration::from_secs(config.proxy.connect_timeout_seconds),
-                Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
-                Duration::from_secs(config.proxy.upstream_timeout_seconds),
+                config.proxy.connect_timeout(),
+                config.proxy.pool_idle_timeout(),
+                config.proxy.upstream_timeout(),
                 config.proxy.upstream_ca_path.as_deref(),
             )?),
             None => None,
@@ -326,9 +326,7 @@ impl App {
             .map(|fleet| tokio::spawn(fleet.run(stopped(stop_rx.clone()))));
         let drain_timeout = self.config.shutdown.drain_timeout();
         let proxy_limits = Limits {
-            header_read_timeout: std::time::Duration::from_secs(
-                self.config.proxy.header_read_timeout_seconds,
-            ),
+            header_read_timeout: self.config.proxy.header_read_timeout(),
             max_header_bytes: self.config.proxy.max_header_bytes,
             max_connections: self.config.proxy.max_connections,
             drain_timeout,

@@ -208,14 +208,14 @@ pub struct Browser {
 /// the budget the session checks and the local API live on.
 struct CallShare {
     limit: u32,
-    window: std::sync::Mutex<(std::time::Instant, u32)>,
+    window: std::sync::Mutex<(tokio::time::Instant, u32)>,
 }
 
 impl CallShare {
     fn new(limit: u32) -> Self {
         Self {
             limit: limit.max(1),
-            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+            window: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
         }
     }
 
@@ -223,7 +223,7 @@ impl CallShare {
     fn take(&self) -> bool {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if w.0.elapsed() >= std::time::Duration::from_secs(10) {
-            *w = (std::time::Instant::now(), 0);
+            *w = (tokio::time::Instant::now(), 0);
         }
         if w.1 >= self.limit {
             return false;

@@ -127,6 +127,31 @@ const MIN_TOKEN_CHARS: usize = 16;
 const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 impl Config {
+    /// `user_cache_ttl_seconds`.
+    pub fn user_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.user_cache_ttl_seconds)
+    }
+
+    /// `session_cache_ttl_seconds`.
+    pub fn session_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_cache_ttl_seconds)
+    }
+
+    /// `missing_user_cache_ttl_seconds`.
+    pub fn missing_user_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.missing_user_cache_ttl_seconds)
+    }
+
+    /// `attempt_timeout_ms`.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    /// `request_timeout_ms`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
     /// Checks the section (its address against the other listeners' and the shared Backend API
     /// budget are checked by `Config::validate`).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -393,16 +418,12 @@ impl LocalApi {
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let missing_ttl = Duration::from_secs(config.missing_user_cache_ttl_seconds);
+        let missing_ttl = config.missing_user_cache_ttl();
         let caches = Arc::new(Caches {
-            users: ObjectCache::new(
-                config.cache_capacity,
-                Duration::from_secs(config.user_cache_ttl_seconds),
-                missing_ttl,
-            ),
+            users: ObjectCache::new(config.cache_capacity, config.user_cache_ttl(), missing_ttl),
             sessions: ObjectCache::new(
                 config.cache_capacity,
-                Duration::from_secs(config.session_cache_ttl_seconds),
+                config.session_cache_ttl(),
                 // Session 404s are never stored (see `cached_get`).
                 Duration::from_secs(1),
             ),
@@ -426,8 +447,8 @@ impl LocalApi {
             ),
             token,
             cache_missing_users: !missing_ttl.is_zero(),
-            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            attempt_timeout: config.attempt_timeout(),
+            request_timeout: config.request_timeout(),
             get_retries: config.get_retries,
             max_body: config.max_body_bytes,
             metrics,
@@ -705,7 +726,7 @@ impl LocalApi {
             Ok(body) => body,
             Err(e) => return Reply::error(e),
         };
-        if let Err(retry_after_seconds) = self.user_updates.take(id, Instant::now()) {
+        if let Err(retry_after_seconds) = self.user_updates.take(id, tokio::time::Instant::now()) {
             return Reply::error(LocalError::RateLimited {
                 retry_after_seconds,
                 by: Throttle::UserUpdates,

@@ -122,6 +122,26 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `connect_timeout_seconds`.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_seconds)
+    }
+
+    /// `upstream_timeout_seconds`.
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_timeout_seconds)
+    }
+
+    /// `pool_idle_timeout_seconds`.
+    pub fn pool_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.pool_idle_timeout_seconds)
+    }
+
+    /// `header_read_timeout_seconds`.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let base = self.upstream_base()?;
         let https = base.scheme == http::uri::Scheme::HTTPS;
@@ -405,7 +425,7 @@ impl Proxy {
             forward_token: auth_config.forward_token,
             upstream,
             client,
-            upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
+            upstream_timeout: p.upstream_timeout(),
             forward_auth_path: (!p.forward_auth_path.is_empty())
                 .then(|| p.forward_auth_path.clone()),
             forward_auth_uri_source: p.forward_auth_uri_source,

@@ -59,6 +59,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `tolerance_seconds` (the pure check takes whole seconds).
+    pub fn tolerance(&self) -> Duration {
+        Duration::from_secs(self.tolerance_seconds)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(secret) = &self.secret {
             WebhookSecret::parse(secret.expose())
@@ -133,7 +138,10 @@ fn reply(status: StatusCode, key: &str, value: &str) -> Response<Full<Bytes>> {
 /// How long webhook ids are remembered: well past the Svix tolerance window (retries come
 /// within it), and at least an hour.
 pub fn retention(config: &Config) -> Duration {
-    Duration::from_secs(config.tolerance_seconds.saturating_mul(2).max(3600))
+    config
+        .tolerance()
+        .saturating_mul(2)
+        .max(Duration::from_secs(3600))
 }
 
 impl Forwarder {

@@ -303,6 +303,21 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `cache_ttl_seconds`.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_seconds)
+    }
+
+    /// `negative_cache_seconds`.
+    pub fn negative_cache(&self) -> Duration {
+        Duration::from_secs(self.negative_cache_seconds)
+    }
+
+    /// `verify_timeout_ms`.
+    pub fn verify_timeout(&self) -> Duration {
+        Duration::from_millis(self.verify_timeout_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let valid = self.machine_id.starts_with(M2M_SUBJECT_PREFIX)
             && crate::clerk::api::is_id(&self.machine_id);
@@ -685,13 +700,13 @@ impl MachineAuth {
                 let verdict = verdict?;
                 let ttl = match &verdict {
                     Verdict::Pass(p) => {
-                        let ttl = Duration::from_secs(self.config.cache_ttl_seconds);
+                        let ttl = self.config.cache_ttl();
                         match p.expiration_ms {
                             Some(exp) => ttl.min(Duration::from_millis(exp.saturating_sub(now_ms))),
                             None => ttl,
                         }
                     }
-                    Verdict::Refused(_) => Duration::from_secs(self.config.negative_cache_seconds),
+                    Verdict::Refused(_) => self.config.negative_cache(),
                 };
                 Ok::<_, AuthError>(Arc::new(Cached {
                     verdict,
@@ -770,7 +785,7 @@ impl MachineAuth {
                     path,
                     query: None,
                     body: Some(body),
-                    timeout: Some(Duration::from_millis(self.config.verify_timeout_ms)),
+                    timeout: Some(self.config.verify_timeout()),
                     retries: 0,
                     max_body_bytes: MAX_ANSWER_BYTES,
                     api_version: None,

@@ -12,10 +12,11 @@
 //! with jittered backoff): a retried `PATCH`, `DELETE` or `POST` could apply twice.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use super::API_VERSION;
 use crate::body::{BodyError, read_response_capped};

@@ -7,7 +7,9 @@
 //! passed on).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// One key's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -293,19 +293,15 @@ impl Client {
     /// Builds the client for `[proxy]`: connectors with the ALPN offers each pool needs.
     pub fn new(p: &super::Config, base: &super::UpstreamBase) -> Result<Self, ConfigError> {
         let connector = |alpn| {
-            super::forward::connector_for(
-                Duration::from_secs(p.connect_timeout_seconds),
-                p.upstream_ca_path.as_deref(),
-                alpn,
-            )
-            .map_err(|e| {
-                let key = if p.upstream_ca_path.is_some() {
-                    "proxy.upstream_ca_path"
-                } else {
-                    "proxy.upstream"
-                };
-                ConfigError::new(key, format!("TLS roots unavailable: {e}"))
-            })
+            super::forward::connector_for(p.connect_timeout(), p.upstream_ca_path.as_deref(), alpn)
+                .map_err(|e| {
+                    let key = if p.upstream_ca_path.is_some() {
+                        "proxy.upstream_ca_path"
+                    } else {
+                        "proxy.upstream"
+                    };
+                    ConfigError::new(key, format!("TLS roots unavailable: {e}"))
+                })
         };
         let (scheme, authority) = (&base.scheme, &base.authority);
         let https = scheme == &http::uri::Scheme::HTTPS;
@@ -317,7 +313,7 @@ impl Client {
                 scheme,
                 authority,
                 p.pool_max_idle,
-                Duration::from_secs(p.pool_idle_timeout_seconds),
+                p.pool_idle_timeout(),
             )
             .map_err(bad_uri)
         };
