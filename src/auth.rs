@@ -13,10 +13,10 @@
 //!   freshness, revocation, policy.
 
 pub mod cache;
-pub mod gate;
+pub(crate) mod gate;
 pub mod identity;
 pub mod jwks;
-pub mod machine;
+pub(crate) mod machine;
 pub mod policy;
 pub mod token;
 pub mod verify;

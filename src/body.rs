@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("body larger than the cap")]
     TooLarge,
     #[error("body read failed: {0}")]
@@ -21,7 +21,7 @@ pub enum BodyError {
 }
 
 /// Reads a request body, refusing to hold more than `max` bytes.
-pub async fn read_capped<B>(body: B, max: usize) -> Result<Bytes, BodyError>
+pub(crate) async fn read_capped<B>(body: B, max: usize) -> Result<Bytes, BodyError>
 where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -35,7 +35,7 @@ where
 
 /// Reads an HTTP client's response body, refusing to hold more than `max` bytes (a declared
 /// `Content-Length` above it is refused before reading).
-pub async fn read_response_capped(
+pub(crate) async fn read_response_capped(
     resp: reqwest::Response,
     max: usize,
 ) -> Result<Vec<u8>, BodyError> {
@@ -64,7 +64,7 @@ pub async fn read_response_capped(
 /// One of clerkgate's own JSON answers: `Content-Type: application/json` (when there is a
 /// body) and `Cache-Control: no-store` (an answer about one caller's credentials is never
 /// shared by a cache). Callers add any further headers.
-pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let body = body.into();
     let has_body = !body.is_empty();
     let mut r = Response::new(Full::new(body));

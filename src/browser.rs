@@ -11,9 +11,9 @@
 //! (`authenticateRequest`, `HandshakeService`); `tests/it/browser.rs` runs it as an oracle.
 //! Deliberate differences, each stricter or loop-free, are listed in the README ("Browsers").
 
-pub mod cors;
-pub mod fapi;
-pub mod sdk;
+pub(crate) mod cors;
+pub(crate) mod fapi;
+pub(crate) mod sdk;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -100,31 +100,31 @@ impl Config {
 }
 
 /// Clerk's cookie and query parameter names (`constants.Cookies`, `constants.QueryParameters`).
-pub mod names {
-    pub const SESSION: &str = "__session";
-    pub const CLIENT_UAT: &str = "__client_uat";
-    pub const REFRESH: &str = "__refresh";
-    pub const DEV_BROWSER: &str = "__clerk_db_jwt";
-    pub const LEGACY_DEV_BROWSER: &str = "__dev_session";
-    pub const HANDSHAKE: &str = "__clerk_handshake";
-    pub const HANDSHAKE_NONCE: &str = "__clerk_handshake_nonce";
-    pub const HANDSHAKE_HELP: &str = "__clerk_help";
-    pub const REDIRECT_COUNT: &str = "__clerk_redirect_count";
+pub(crate) mod names {
+    pub(crate) const SESSION: &str = "__session";
+    pub(crate) const CLIENT_UAT: &str = "__client_uat";
+    pub(crate) const REFRESH: &str = "__refresh";
+    pub(crate) const DEV_BROWSER: &str = "__clerk_db_jwt";
+    pub(crate) const LEGACY_DEV_BROWSER: &str = "__dev_session";
+    pub(crate) const HANDSHAKE: &str = "__clerk_handshake";
+    pub(crate) const HANDSHAKE_NONCE: &str = "__clerk_handshake_nonce";
+    pub(crate) const HANDSHAKE_HELP: &str = "__clerk_help";
+    pub(crate) const REDIRECT_COUNT: &str = "__clerk_redirect_count";
 }
 
 /// The SDK's `AuthErrorReason` values clerkgate emits (plus token verification reasons, which
 /// are [`AuthError`] labels).
-pub mod reason {
-    pub const DEV_BROWSER_MISSING: &str = "dev-browser-missing";
-    pub const DEV_BROWSER_SYNC: &str = "dev-browser-sync";
-    pub const CLIENT_UAT_WITHOUT_SESSION: &str = "client-uat-but-no-session-token";
-    pub const SESSION_WITHOUT_CLIENT_UAT: &str = "session-token-but-no-client-uat";
-    pub const IAT_BEFORE_CLIENT_UAT: &str = "session-token-iat-before-client-uat";
-    pub const TOKEN_AND_UAT_MISSING: &str = "session-token-and-uat-missing";
-    pub const TOKEN_MISSING: &str = "session-token-missing";
-    pub const NBF: &str = "session-token-nbf";
-    pub const IAT_IN_THE_FUTURE: &str = "session-token-iat-in-the-future";
-    pub const CROSS_ORIGIN_SYNC: &str = "primary-domain-cross-origin-sync";
+pub(crate) mod reason {
+    pub(crate) const DEV_BROWSER_MISSING: &str = "dev-browser-missing";
+    pub(crate) const DEV_BROWSER_SYNC: &str = "dev-browser-sync";
+    pub(crate) const CLIENT_UAT_WITHOUT_SESSION: &str = "client-uat-but-no-session-token";
+    pub(crate) const SESSION_WITHOUT_CLIENT_UAT: &str = "session-token-but-no-client-uat";
+    pub(crate) const IAT_BEFORE_CLIENT_UAT: &str = "session-token-iat-before-client-uat";
+    pub(crate) const TOKEN_AND_UAT_MISSING: &str = "session-token-and-uat-missing";
+    pub(crate) const TOKEN_MISSING: &str = "session-token-missing";
+    pub(crate) const NBF: &str = "session-token-nbf";
+    pub(crate) const IAT_IN_THE_FUTURE: &str = "session-token-iat-in-the-future";
+    pub(crate) const CROSS_ORIGIN_SYNC: &str = "primary-domain-cross-origin-sync";
 }
 
 /// What the SDK would decide for a request.
@@ -856,7 +856,7 @@ fn set_cookies(directives: &[String]) -> (Vec<HeaderValue>, Option<String>) {
 }
 
 /// Adds the SDK's debug headers (`x-clerk-auth-status`, `x-clerk-auth-reason`).
-pub fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
+pub(crate) fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
     h.insert("x-clerk-auth-status", HeaderValue::from_static(status));
     if let Ok(v) = HeaderValue::from_str(reason) {
         h.insert("x-clerk-auth-reason", v);
@@ -864,7 +864,7 @@ pub fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
 }
 
 /// A `307` with `Location` and `Cache-Control: no-store`.
-pub fn redirect(location: &str) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+pub(crate) fn redirect(location: &str) -> Option<http::Response<http_body_util::Full<Bytes>>> {
     let mut resp = http::Response::new(http_body_util::Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
     resp.headers_mut()

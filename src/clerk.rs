@@ -5,7 +5,7 @@
 //! the cookie suffix, and where verification keys come from. Nothing on the request path
 //! re-derives any of it.
 
-pub mod api;
+pub(crate) mod api;
 pub mod claims;
 pub mod entitlements;
 pub mod publishable_key;

@@ -17,7 +17,7 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
-pub mod error;
+pub(crate) mod error;
 
 pub use crate::secret::{Secret, is_secure_or_loopback};
 pub use error::ConfigError;

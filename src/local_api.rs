@@ -35,10 +35,10 @@
 //! and why any other address requires `local_api.token`, checked in constant time on every
 //! request.
 
-pub mod cache;
-pub mod limit;
-pub mod reply;
-pub mod route;
+pub(crate) mod cache;
+pub(crate) mod limit;
+pub(crate) mod reply;
+pub(crate) mod route;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -279,7 +279,7 @@ fn may_have_happened(result: &Result<Answer, CallError>) -> bool {
 /// The normalised identity of a verified token, as `POST /v1/tokens/verify` returns it. The
 /// claims are decoded from the token itself (the cached identity keeps them only when routes
 /// need them).
-pub fn identity_json(identity: &Identity, token: &str) -> Value {
+pub(crate) fn identity_json(identity: &Identity, token: &str) -> Value {
     let claims = crate::auth::token::parse(token)
         .map(|parsed| Value::Object(parsed.payload))
         .unwrap_or(Value::Null);

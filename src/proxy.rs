@@ -8,14 +8,14 @@
 //! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
 //! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
 
-pub mod answer;
+mod answer;
 mod browser_hook;
-pub mod forward;
+pub(crate) mod forward;
 pub mod headers;
 pub mod path;
-pub mod pool;
-pub mod pool_h2;
-pub mod rejection;
+mod pool;
+mod pool_h2;
+pub(crate) mod rejection;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

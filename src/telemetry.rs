@@ -8,7 +8,7 @@
 //! Counters are resolved per label value at start-up, so recording on the request path is one
 //! atomic add: no label hashing and no lock.
 
-pub mod otel;
+pub(crate) mod otel;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,

@@ -7,7 +7,7 @@
 //! failed is forwarded again on Svix's retry. Only then is the payload parsed ([`events`]).
 //! Error bodies carry a reason code and nothing from the payload.
 
-pub mod events;
+mod events;
 pub mod ledger;
 pub mod signature;
 

@@ -93,7 +93,7 @@ const OAUTH_TYPES: [&str; 2] = ["at+jwt", "application/at+jwt"];
 const CAT_M2M: &str = "cl_B7d4PD333AAA";
 
 /// `isJwtFormat`: three non-empty base64url segments.
-pub fn is_jwt_format(token: &str) -> bool {
+pub(crate) fn is_jwt_format(token: &str) -> bool {
     let mut n = 0;
     for part in token.split('.') {
         n += 1;
@@ -148,7 +148,7 @@ fn is_oauth_jwt(header_payload: &Option<(Value, Value)>) -> bool {
 
 /// The SDK's classification of a header token: `getMachineTokenType` for machine tokens
 /// (`isMachineToken`), `session_token` for everything else.
-pub fn classify(token: &str) -> TokenType {
+pub(crate) fn classify(token: &str) -> TokenType {
     let decoded = if is_jwt_format(token) {
         decode_unverified(token)
     } else {
@@ -536,7 +536,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// `ak_…`, `mt_…`, `oat_…` with something printable after the prefix. Clerk documents no exact
 /// shape, so only clearly malformed values are refused before any Backend API call.
-pub fn opaque_shape_ok(token: &str) -> bool {
+pub(crate) fn opaque_shape_ok(token: &str) -> bool {
     let rest = [M2M_PREFIX, OAUTH_PREFIX, API_KEY_PREFIX]
         .iter()
         .find_map(|p| token.strip_prefix(p));

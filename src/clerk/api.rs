@@ -158,7 +158,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// The wait before retry number `retry` (0 for the first retry), "equal jitter": half fixed,
 /// half drawn from `random`, so a fleet of sidecars that failed together does not retry in
 /// lockstep.
-pub fn backoff(retry: u32, random: u32) -> Duration {
+pub(crate) fn backoff(retry: u32, random: u32) -> Duration {
     let cap = BACKOFF_BASE.saturating_mul(1u32 << retry.min(6));
     let half = cap / 2;
     let jitter_ms = half.as_millis() as u64;
@@ -423,7 +423,7 @@ impl BackendApi {
 
 /// A Clerk object id as it may appear in a path: `user_…`, `sess_…`; ASCII letters, digits and
 /// `_`, at most 128 bytes. Anything else never reaches a URL.
-pub fn is_id(id: &str) -> bool {
+pub(crate) fn is_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
