@@ -20,6 +20,7 @@ use crate::fleet::{Fleet, FleetStore};
 use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
 use crate::revocations::{Guard, InMemoryStore, SessionStore};
+use crate::router::Router;
 use crate::runtime::{self, RuntimeKind};
 use crate::server::{self, Limits};
 use crate::telemetry::Metrics;
@@ -82,7 +83,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyStore>,
     pub readiness: Arc<Readiness>,
-    pub proxy: Arc<Proxy>,
+    /// The proxy listener's handler: webhooks, forward-auth and the proxy behind it.
+    pub router: Arc<Router>,
     /// The pod-local Clerk API, when enabled and a secret key is configured.
     pub local_api: Option<Arc<LocalApi>>,
     /// The shared fleet store's client, when `fleet.redis_url` is set.
@@ -268,11 +270,17 @@ impl App {
                     log: &config.log,
                 },
                 gate,
-                webhooks,
                 metrics.clone(),
             )?
             .with_browser(browser),
         );
+        let router = Arc::new(Router::new(
+            proxy,
+            webhooks,
+            config.proxy.trust_request_id,
+            &config.log,
+            metrics.clone(),
+        ));
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());
@@ -283,7 +291,7 @@ impl App {
             metrics,
             keys,
             readiness,
-            proxy,
+            router,
             local_api,
             fleet,
         })
@@ -351,7 +359,7 @@ impl App {
                     listener,
                     tls.clone(),
                     proxy_limits.clone(),
-                    self.proxy.clone(),
+                    self.router.clone(),
                     stop_rx.clone(),
                 )
             })
@@ -361,7 +369,7 @@ impl App {
             proxy_listener,
             tls,
             proxy_limits,
-            self.proxy.clone(),
+            self.router.clone(),
             stopped(stop_rx.clone()),
         ));
         let admin = Arc::new(Admin::new(
@@ -477,7 +485,7 @@ fn spawn_per_core(
     listener: std::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
-    proxy: Arc<Proxy>,
+    router: Arc<Router>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<usize>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -498,7 +506,7 @@ fn spawn_per_core(
                 let stopped = async move {
                     let _ = stop.wait_for(|v| *v).await;
                 };
-                server::serve(listener, tls, limits, proxy, stopped).await
+                server::serve(listener, tls, limits, router, stopped).await
             })
         })
 }

@@ -10,8 +10,10 @@
 //!   makes (token extraction, cache or verification, cookie freshness, the revocation check,
 //!   route policy, identity headers), for session and machine tokens alike.
 //! - `body` reads bodies with a cap and builds clerkgate's own JSON answers (one helper).
-//! - [`proxy`] is the request path and the upstream client; `proxy::rejection` the one
-//!   place that maps refusals to responses.
+//! - [`router`] owns the proxy listener's handler: request ids, dispatch to the webhook
+//!   endpoint or the proxy, the per-request metric, trace outcome and access line.
+//! - [`proxy`] is the request path (forward-auth in `proxy/forward_auth.rs`) and the upstream
+//!   client; `proxy::rejection` the one place that maps refusals to responses.
 //! - [`server`] is the accept loop, `runtime` how many threads run it (multi-thread or one
 //!   runtime per CPU), `admin` the health and metrics listener, `shutdown` the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
@@ -33,7 +35,8 @@
 //!
 //! accept -> normalise path -> strip reserved headers -> route match -> gate (extract token ->
 //! cache or verify -> cookie freshness -> revocation -> policy) -> set identity headers ->
-//! forward -> metrics. See [`proxy`] and `auth::gate`.
+//! forward -> metrics. See [`router`] (ids, dispatch, metrics), [`proxy`] (everything in
+//! between) and `auth::gate`.
 
 mod admin;
 pub mod app;
@@ -47,6 +50,7 @@ pub mod dev;
 pub mod fleet;
 mod local_api;
 pub mod proxy;
+pub mod router;
 
 pub mod revocations;
 mod runtime;

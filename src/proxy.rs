@@ -34,7 +34,7 @@ use crate::auth::policy::{Policy, RouteMatch};
 use crate::auth::{SpoofPolicy, now_ms};
 use crate::config::error::ConfigError;
 use crate::server::ConnInfo;
-use crate::telemetry::{Label, Metrics, Outcome, UpstreamErrorKind};
+use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
 use rejection::Rejection;
 
@@ -308,7 +308,6 @@ impl UpstreamBase {
 pub struct Proxy {
     /// Authentication, revocation and route policy, in one call.
     gate: Arc<Gate>,
-    webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
     /// `headers.strip_request`, normalised (lower-case, `_` as `-`).
@@ -325,7 +324,6 @@ pub struct Proxy {
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
-    request_ids: RequestIds,
     access_log: bool,
     access_user_id: bool,
     metrics: Arc<Metrics>,
@@ -333,55 +331,14 @@ pub struct Proxy {
     browser: Option<crate::browser::Browser>,
 }
 
-static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
-/// Request ids: a random per-process prefix and a counter, so an id costs one small formatted
-/// string, not a random draw per request, and ids from different replicas never collide.
-struct RequestIds {
-    prefix: String,
-    next: std::sync::atomic::AtomicU64,
-    trust: bool,
-}
-
-impl RequestIds {
-    fn new(trust: bool) -> Self {
-        let mut bytes = [0u8; 6];
-        let _ = aws_lc_rs::rand::fill(&mut bytes);
-        Self {
-            prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-            next: std::sync::atomic::AtomicU64::new(1),
-            trust,
-        }
-    }
-
-    /// The request's id: the client's own when trusted and sane (printable ASCII or space, at
-    /// most 256 bytes; then the request is left as sent and `None` is returned alongside), else
-    /// a new one that the caller sets on the request.
-    fn for_request(&self, headers: &http::HeaderMap) -> (HeaderValue, bool) {
-        let sane = |v: &HeaderValue| {
-            !v.is_empty() && v.len() <= 256 && v.as_bytes().iter().all(|b| (0x20..0x7f).contains(b))
-        };
-        if self.trust
-            && let Some(first) = headers.get(&X_REQUEST_ID)
-            && headers.get_all(&X_REQUEST_ID).iter().all(sane)
-        {
-            return (first.clone(), true);
-        }
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        (id, false)
-    }
-}
-
 /// What the access line needs from deep inside the request path, carried in the response's
 /// extensions (inserted only when the access log is on, or on a refusal).
 #[derive(Clone, Copy)]
-struct Reason(&'static str);
+pub(crate) struct Reason(pub(crate) &'static str);
 #[derive(Clone, Copy)]
-struct UpstreamTime(Duration);
+pub(crate) struct UpstreamTime(pub(crate) Duration);
 #[derive(Clone)]
-struct AccessUser(Box<str>);
+pub(crate) struct AccessUser(pub(crate) Box<str>);
 
 /// The sections the request path reads besides its own `[proxy]`, lent by the composed
 /// configuration (which has checked them against each other).
@@ -397,7 +354,6 @@ impl Proxy {
     pub fn new(
         sections: Sections<'_>,
         gate: Arc<Gate>,
-        webhooks: Arc<crate::webhook::Webhooks>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
         let Sections {
@@ -421,7 +377,6 @@ impl Proxy {
                 auth_config.forward_token,
             ),
             gate,
-            webhooks,
             policy: Policy::new(routes),
             spoof: auth_config.on_spoofed_header,
             forward_token: auth_config.forward_token,
@@ -434,7 +389,6 @@ impl Proxy {
             encoded_slashes: p.encoded_slashes,
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
-            request_ids: RequestIds::new(p.trust_request_id),
             access_log: log.access,
             access_user_id: log.access_user_id,
             metrics,
@@ -448,44 +402,28 @@ impl Proxy {
         self
     }
 
-    /// Handles one request from a client.
-    pub async fn handle_request(
+    /// Answers one request that is not a webhook: forward-auth, the Frontend API proxy, or a
+    /// proxied request (a gRPC client's refusal in gRPC's own form). The router above records
+    /// the metric and the access line.
+    pub(crate) async fn dispatch(
         &self,
-        mut req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        // One id per request, sent upstream and back to the client (and in the access line).
-        let (request_id, kept) = self.request_ids.for_request(req.headers());
-        if !kept {
-            req.headers_mut()
-                .insert(X_REQUEST_ID.clone(), request_id.clone());
-        }
-        // Logged without the query string, which may carry secrets.
-        let access =
-            self.access_log && tracing::enabled!(target: "clerkgate::access", tracing::Level::INFO);
-        let log_line = (access || tracing::enabled!(tracing::Level::DEBUG))
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let (resp, outcome) = if req.method() == Method::CONNECT {
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> (Response<ProxyBody>, Outcome) {
+        if req.method() == Method::CONNECT {
             // A CONNECT tunnel would carry anything past every check (RFC 9110 section 9.3.6).
             self.reject(Rejection::MethodNotAllowed)
-        } else if self.webhooks.matches(req.uri().path()) {
-            // Verified by its Svix signature, not by a session token.
-            (
-                self.webhooks.handle(req).await.map(Either::Right),
-                Outcome::Webhook,
-            )
         } else if self.is_forward_auth(req.uri().path()) {
             self.forward_auth(req).await
         } else if let Some(fapi) = self.fapi_proxy(req.uri().path()) {
             // Clerk's own traffic: public, authenticated by Clerk itself.
             (
-                fapi.forward(req, &conn).await.map(Either::Right),
+                fapi.forward(req, conn).await.map(Either::Right),
                 Outcome::FapiProxy,
             )
         } else if let Some(grpc) = rejection::grpc_content_type(req.headers()).cloned() {
             // A gRPC client reads a refusal from `grpc-status`, not from the HTTP status.
-            let (mut resp, outcome) = self.proxy(req, &conn).await;
+            let (mut resp, outcome) = self.proxy(req, conn).await;
             match resp.extensions().get::<Rejection>().copied() {
                 Some(r) => {
                     let mut answer = r.grpc_response(grpc).map(Either::Right);
@@ -495,44 +433,8 @@ impl Proxy {
                 None => (resp, outcome),
             }
         } else {
-            self.proxy(req, &conn).await
-        };
-        let mut resp = resp;
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        self.metrics.requests.inc(outcome);
-        if crate::telemetry::otel::enabled() {
-            let reason = resp.extensions().get::<Reason>().map(|r| r.0);
-            crate::telemetry::otel::record_outcome(outcome.as_label(), reason);
+            self.proxy(req, conn).await
         }
-        let elapsed = start.elapsed();
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        if access && let Some((method, path)) = &log_line {
-            let ext = resp.extensions();
-            tracing::info!(
-                target: "clerkgate::access",
-                method = %method,
-                path = path.as_str(),
-                status = resp.status().as_u16(),
-                outcome = crate::telemetry::Label::as_label(outcome),
-                reason = ext.get::<Reason>().map(|r| r.0),
-                micros = elapsed.as_micros() as u64,
-                upstream_micros = ext.get::<UpstreamTime>().map(|t| t.0.as_micros() as u64),
-                request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()),
-                user_id = ext.get::<AccessUser>().map(|u| &*u.0),
-                "access"
-            );
-        } else if let Some((method, path)) = log_line {
-            tracing::debug!(
-                %method,
-                path,
-                status = resp.status().as_u16(),
-                outcome = crate::telemetry::Label::as_label(outcome),
-                micros = elapsed.as_micros() as u64,
-                peer = %conn.peer,
-                "request"
-            );
-        }
-        resp
     }
 
     fn reject(&self, r: Rejection) -> (Response<ProxyBody>, Outcome) {
@@ -549,7 +451,7 @@ impl Proxy {
         );
         let mut resp = r.response().map(Either::Right);
         resp.extensions_mut().insert(Reason(r.reason()));
-        // For the gRPC answer, see `handle_request`.
+        // For the gRPC answer, see `dispatch`.
         resp.extensions_mut().insert(r);
         (resp, r.outcome())
     }
@@ -747,26 +649,6 @@ impl Proxy {
             resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors, lease))),
             outcome,
         )
-    }
-}
-
-impl crate::server::Handler for Proxy {
-    type Body = ProxyBody;
-
-    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
-        if !crate::telemetry::otel::enabled() {
-            return self.handle_request(req, conn).await;
-        }
-        // The request's server span (until the response head), when traces are exported.
-        let span = crate::telemetry::otel::request_span(&req);
-        let resp =
-            tracing::Instrument::instrument(self.handle_request(req, conn), span.clone()).await;
-        let id = resp
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok());
-        crate::telemetry::otel::record_response(&span, resp.status(), id);
-        resp
     }
 }
 
