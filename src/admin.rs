@@ -90,14 +90,18 @@ impl Readiness {
     }
 }
 
-pub struct Admin {
+pub(crate) struct Admin {
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
     keys: Arc<KeyStore>,
 }
 
 impl Admin {
-    pub fn new(readiness: Arc<Readiness>, metrics: Arc<Metrics>, keys: Arc<KeyStore>) -> Self {
+    pub(crate) fn new(
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+        keys: Arc<KeyStore>,
+    ) -> Self {
         Self {
             readiness,
             metrics,

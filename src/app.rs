@@ -20,11 +20,12 @@ use crate::fleet::{Fleet, FleetStore};
 use crate::local_api::LocalApi;
 use crate::proxy::Proxy;
 use crate::revocations::{Guard, InMemoryStore, SessionStore};
+use crate::router::Router;
 use crate::runtime::{self, RuntimeKind};
 use crate::server::{self, Limits};
 use crate::telemetry::Metrics;
-use crate::webhook::Webhooks;
 use crate::webhook::ledger::{LocalLedger, WebhookLedger};
+use crate::webhook::{Forwarder, Webhooks};
 use std::time::Duration;
 
 /// The listeners, bound by the caller (`main` from the config, tests on port 0).
@@ -82,7 +83,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<KeyStore>,
     pub readiness: Arc<Readiness>,
-    pub proxy: Arc<Proxy>,
+    /// The proxy listener's handler: webhooks, forward-auth and the proxy behind it.
+    pub router: Arc<Router>,
     /// The pod-local Clerk API, when enabled and a secret key is configured.
     pub local_api: Option<Arc<LocalApi>>,
     /// The shared fleet store's client, when `fleet.redis_url` is set.
@@ -134,7 +136,7 @@ impl App {
         );
         // Retain webhook ids well past the Svix tolerance window.
         let webhook_retention = crate::webhook::retention(&config.webhooks);
-        let retention = Duration::from_secs(config.sessions.duration_seconds);
+        let retention = config.sessions.retention();
         let local = Arc::new(InMemoryStore::new(retention, config.sessions.max_entries));
         let fleet = if config.fleet.enabled() {
             let issuer = instance.issuers.first().map_or("default", String::as_str);
@@ -164,7 +166,7 @@ impl App {
                 BackendApi::new(
                     instance.api_url.clone(),
                     secret.clone(),
-                    Duration::from_millis(config.sessions.api_timeout_ms.max(1)),
+                    config.sessions.api_timeout().max(Duration::from_millis(1)),
                     config.sessions.api_budget_per_10s,
                     metrics.clone(),
                 )
@@ -188,8 +190,13 @@ impl App {
         // Clerk's rate limit is per instance, so they share its budget and any Retry-After
         // pause.
         let machine = Arc::new(
-            crate::auth::machine::MachineAuth::for_config(&config, &auth, metrics.clone())
-                .with_api(api.clone()),
+            crate::auth::machine::MachineAuth::for_config(
+                &config.machine,
+                &config.headers,
+                &auth,
+                metrics.clone(),
+            )
+            .with_api(api.clone()),
         );
         // Every path that accepts a token (proxy, forward-auth, browser mode, the local API's
         // `tokens/verify`) goes through this one gate.
@@ -201,7 +208,21 @@ impl App {
             config.auth.accept_cookie,
             metrics.clone(),
         ));
-        let browser = crate::browser::Browser::new(&config, gate.clone(), api.clone());
+        let browser = crate::browser::Browser::new(
+            crate::browser::Sections {
+                browser: &config.browser,
+                cors: &config.cors,
+                clerk: &config.clerk,
+                accept_cookie: config.auth.accept_cookie,
+                api_budget_per_10s: config.sessions.api_budget_per_10s,
+                trust_forwarded: config.proxy.trust_forwarded_headers,
+                encoded_slashes: config.proxy.encoded_slashes,
+                connect_timeout: config.proxy.connect_timeout(),
+                upstream_timeout: config.proxy.upstream_timeout(),
+            },
+            gate.clone(),
+            api.clone(),
+        );
         let local_api = match (config.local_api.serves(&config.clerk), api) {
             (Ok(()), Some(api)) => Some(Arc::new(LocalApi::new(
                 &config.local_api,
@@ -212,13 +233,54 @@ impl App {
             ))),
             _ => None,
         };
-        let mut webhooks = Webhooks::new(&config, sessions.clone(), metrics.clone())?;
-        if let Some(ledger) = ledger {
-            webhooks = webhooks.with_ledger(ledger);
-        }
-        let webhooks = Arc::new(webhooks);
-        let proxy =
-            Arc::new(Proxy::new(&config, gate, webhooks, metrics.clone())?.with_browser(browser));
+        let forwarder = match &config.webhooks.forward_path {
+            Some(path) => Some(Forwarder::new(
+                config
+                    .proxy
+                    .upstream_base()?
+                    .uri(path, None)
+                    .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
+                config.proxy.connect_timeout(),
+                config.proxy.pool_idle_timeout(),
+                config.proxy.upstream_timeout(),
+                config.proxy.upstream_ca_path.as_deref(),
+            )?),
+            None => None,
+        };
+        let ledger = ledger.unwrap_or_else(|| {
+            Arc::new(LocalLedger::new(
+                webhook_retention,
+                config.sessions.max_entries,
+            ))
+        });
+        let webhooks = Arc::new(Webhooks::new(
+            &config.webhooks,
+            forwarder,
+            ledger,
+            sessions.clone(),
+            metrics.clone(),
+        )?);
+        let proxy = Arc::new(
+            Proxy::new(
+                crate::proxy::Sections {
+                    proxy: &config.proxy,
+                    auth: &config.auth,
+                    headers: &config.headers,
+                    routes: &config.routes,
+                    log: &config.log,
+                },
+                gate,
+                metrics.clone(),
+            )?
+            .with_browser(browser),
+        );
+        let router = Arc::new(Router::new(
+            proxy,
+            webhooks,
+            config.proxy.trust_request_id,
+            &config.log,
+            metrics.clone(),
+        ));
         let mut readiness = Readiness::new(keys.clone());
         if let Some(fleet) = &fleet {
             readiness = readiness.with_fleet(fleet.link(), fleet.fail_closed());
@@ -229,7 +291,7 @@ impl App {
             metrics,
             keys,
             readiness,
-            proxy,
+            router,
             local_api,
             fleet,
         })
@@ -272,9 +334,7 @@ impl App {
             .map(|fleet| tokio::spawn(fleet.run(stopped(stop_rx.clone()))));
         let drain_timeout = self.config.shutdown.drain_timeout();
         let proxy_limits = Limits {
-            header_read_timeout: std::time::Duration::from_secs(
-                self.config.proxy.header_read_timeout_seconds,
-            ),
+            header_read_timeout: self.config.proxy.header_read_timeout(),
             max_header_bytes: self.config.proxy.max_header_bytes,
             max_connections: self.config.proxy.max_connections,
             drain_timeout,
@@ -299,7 +359,7 @@ impl App {
                     listener,
                     tls.clone(),
                     proxy_limits.clone(),
-                    self.proxy.clone(),
+                    self.router.clone(),
                     stop_rx.clone(),
                 )
             })
@@ -309,7 +369,7 @@ impl App {
             proxy_listener,
             tls,
             proxy_limits,
-            self.proxy.clone(),
+            self.router.clone(),
             stopped(stop_rx.clone()),
         ));
         let admin = Arc::new(Admin::new(
@@ -425,7 +485,7 @@ fn spawn_per_core(
     listener: std::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Limits,
-    proxy: Arc<Proxy>,
+    router: Arc<Router>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<usize>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -446,7 +506,7 @@ fn spawn_per_core(
                 let stopped = async move {
                     let _ = stop.wait_for(|v| *v).await;
                 };
-                server::serve(listener, tls, limits, proxy, stopped).await
+                server::serve(listener, tls, limits, router, stopped).await
             })
         })
 }

@@ -13,10 +13,10 @@
 //!   freshness, revocation, policy.
 
 pub mod cache;
-pub mod gate;
+pub(crate) mod gate;
 pub mod identity;
 pub mod jwks;
-pub mod machine;
+pub(crate) mod machine;
 pub mod policy;
 pub mod token;
 pub mod verify;
@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::telemetry::{AuthFailure, Label, Metrics};
 use identity::Identity;
 
@@ -98,7 +98,7 @@ pub enum SpoofPolicy {
 }
 
 /// Why a token was not accepted. Each variant has exactly one status, one reason code and one
-/// metric label, decided in [`crate::rejection`].
+/// metric label, decided in the refusal mapping (`proxy::rejection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("no session token")]

@@ -11,9 +11,9 @@
 //! (`authenticateRequest`, `HandshakeService`); `tests/it/browser.rs` runs it as an oracle.
 //! Deliberate differences, each stricter or loop-free, are listed in the README ("Browsers").
 
-pub mod cors;
-pub mod fapi;
-pub mod sdk;
+pub(crate) mod cors;
+pub(crate) mod fapi;
+pub(crate) mod sdk;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use crate::auth::token::{self, Carrier, CookieNames};
 use crate::auth::{AuthError, now_ms};
 use crate::clerk::api::{BackendApi, Call};
 use crate::clerk::publishable_key::{InstanceType, PublishableKey};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::telemetry::ApiEndpoint;
 use sdk::View;
 
@@ -93,38 +93,38 @@ impl Config {
         }
         url::Url::parse(&self.fapi_url)
             .ok()
-            .filter(|u| u.scheme() == "https" || crate::config::is_secure_or_loopback(u))
+            .filter(|u| u.scheme() == "https" || crate::secret::is_secure_or_loopback(u))
             .ok_or_else(|| ConfigError::new("browser.fapi_url", "must be an https URL"))?;
         Ok(())
     }
 }
 
 /// Clerk's cookie and query parameter names (`constants.Cookies`, `constants.QueryParameters`).
-pub mod names {
-    pub const SESSION: &str = "__session";
-    pub const CLIENT_UAT: &str = "__client_uat";
-    pub const REFRESH: &str = "__refresh";
-    pub const DEV_BROWSER: &str = "__clerk_db_jwt";
-    pub const LEGACY_DEV_BROWSER: &str = "__dev_session";
-    pub const HANDSHAKE: &str = "__clerk_handshake";
-    pub const HANDSHAKE_NONCE: &str = "__clerk_handshake_nonce";
-    pub const HANDSHAKE_HELP: &str = "__clerk_help";
-    pub const REDIRECT_COUNT: &str = "__clerk_redirect_count";
+pub(crate) mod names {
+    pub(crate) const SESSION: &str = "__session";
+    pub(crate) const CLIENT_UAT: &str = "__client_uat";
+    pub(crate) const REFRESH: &str = "__refresh";
+    pub(crate) const DEV_BROWSER: &str = "__clerk_db_jwt";
+    pub(crate) const LEGACY_DEV_BROWSER: &str = "__dev_session";
+    pub(crate) const HANDSHAKE: &str = "__clerk_handshake";
+    pub(crate) const HANDSHAKE_NONCE: &str = "__clerk_handshake_nonce";
+    pub(crate) const HANDSHAKE_HELP: &str = "__clerk_help";
+    pub(crate) const REDIRECT_COUNT: &str = "__clerk_redirect_count";
 }
 
 /// The SDK's `AuthErrorReason` values clerkgate emits (plus token verification reasons, which
 /// are [`AuthError`] labels).
-pub mod reason {
-    pub const DEV_BROWSER_MISSING: &str = "dev-browser-missing";
-    pub const DEV_BROWSER_SYNC: &str = "dev-browser-sync";
-    pub const CLIENT_UAT_WITHOUT_SESSION: &str = "client-uat-but-no-session-token";
-    pub const SESSION_WITHOUT_CLIENT_UAT: &str = "session-token-but-no-client-uat";
-    pub const IAT_BEFORE_CLIENT_UAT: &str = "session-token-iat-before-client-uat";
-    pub const TOKEN_AND_UAT_MISSING: &str = "session-token-and-uat-missing";
-    pub const TOKEN_MISSING: &str = "session-token-missing";
-    pub const NBF: &str = "session-token-nbf";
-    pub const IAT_IN_THE_FUTURE: &str = "session-token-iat-in-the-future";
-    pub const CROSS_ORIGIN_SYNC: &str = "primary-domain-cross-origin-sync";
+pub(crate) mod reason {
+    pub(crate) const DEV_BROWSER_MISSING: &str = "dev-browser-missing";
+    pub(crate) const DEV_BROWSER_SYNC: &str = "dev-browser-sync";
+    pub(crate) const CLIENT_UAT_WITHOUT_SESSION: &str = "client-uat-but-no-session-token";
+    pub(crate) const SESSION_WITHOUT_CLIENT_UAT: &str = "session-token-but-no-client-uat";
+    pub(crate) const IAT_BEFORE_CLIENT_UAT: &str = "session-token-iat-before-client-uat";
+    pub(crate) const TOKEN_AND_UAT_MISSING: &str = "session-token-and-uat-missing";
+    pub(crate) const TOKEN_MISSING: &str = "session-token-missing";
+    pub(crate) const NBF: &str = "session-token-nbf";
+    pub(crate) const IAT_IN_THE_FUTURE: &str = "session-token-iat-in-the-future";
+    pub(crate) const CROSS_ORIGIN_SYNC: &str = "primary-domain-cross-origin-sync";
 }
 
 /// What the SDK would decide for a request.
@@ -168,6 +168,26 @@ struct Handshake {
     share: CallShare,
 }
 
+/// What browser mode reads: its own sections, `[clerk]`, and the few values it shares with the
+/// proxy, the authenticator and the session checks (checked together by `Config::validate`).
+pub struct Sections<'a> {
+    pub browser: &'a Config,
+    pub cors: &'a cors::Config,
+    pub clerk: &'a crate::clerk::Config,
+    /// `auth.accept_cookie`.
+    pub accept_cookie: bool,
+    /// `sessions.api_budget_per_10s`, of which the browser's calls get a fifth.
+    pub api_budget_per_10s: u32,
+    /// `proxy.trust_forwarded_headers`.
+    pub trust_forwarded: bool,
+    /// `proxy.encoded_slashes`, for the Frontend API proxy's paths.
+    pub encoded_slashes: crate::proxy::path::EncodedSlashes,
+    /// `proxy.connect_timeout_seconds` and `proxy.upstream_timeout_seconds`, for the Frontend
+    /// API proxy.
+    pub connect_timeout: std::time::Duration,
+    pub upstream_timeout: std::time::Duration,
+}
+
 /// Browser mode, compiled once.
 pub struct Browser {
     pub cors: cors::Cors,
@@ -188,14 +208,14 @@ pub struct Browser {
 /// the budget the session checks and the local API live on.
 struct CallShare {
     limit: u32,
-    window: std::sync::Mutex<(std::time::Instant, u32)>,
+    window: std::sync::Mutex<(tokio::time::Instant, u32)>,
 }
 
 impl CallShare {
     fn new(limit: u32) -> Self {
         Self {
             limit: limit.max(1),
-            window: std::sync::Mutex::new((std::time::Instant::now(), 0)),
+            window: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
         }
     }
 
@@ -203,7 +223,7 @@ impl CallShare {
     fn take(&self) -> bool {
         let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
         if w.0.elapsed() >= std::time::Duration::from_secs(10) {
-            *w = (std::time::Instant::now(), 0);
+            *w = (tokio::time::Instant::now(), 0);
         }
         if w.1 >= self.limit {
             return false;
@@ -219,11 +239,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 impl Browser {
     /// Browser mode for `config`; `api` is the shared Backend API client (absent without a
     /// secret key). Logs once whether the handshake is effective and why not.
-    pub fn new(
-        config: &crate::config::Config,
-        gate: Arc<Gate>,
-        api: Option<Arc<BackendApi>>,
-    ) -> Self {
+    pub fn new(config: Sections<'_>, gate: Arc<Gate>, api: Option<Arc<BackendApi>>) -> Self {
         let pk = config
             .clerk
             .publishable_key
@@ -231,7 +247,7 @@ impl Browser {
             .and_then(|k| PublishableKey::parse(k.trim()).ok());
         let handshake = match (config.browser.handshake, &pk, api) {
             (false, _, _) => None,
-            (true, Some(pk), Some(api)) if config.auth.accept_cookie => {
+            (true, Some(pk), Some(api)) if config.accept_cookie => {
                 let endpoint =
                     url::Url::parse(&format!("https://{}/v1/client/handshake", pk.frontend_api))
                         .ok();
@@ -240,7 +256,7 @@ impl Browser {
                     endpoint,
                     development: pk.instance_type == InstanceType::Development,
                     api,
-                    share: CallShare::new(config.sessions.api_budget_per_10s / 5),
+                    share: CallShare::new(config.api_budget_per_10s / 5),
                 })
             }
             (true, _, _) => {
@@ -255,7 +271,7 @@ impl Browser {
             tracing::info!(frontend_api = %h.frontend_api, development = h.development, "browser handshake on");
         }
         let suffix = pk.as_ref().map(|p| p.cookie_suffix.clone());
-        let fapi = fapi::FapiProxy::new(config);
+        let fapi = fapi::FapiProxy::new(&config);
         if fapi.is_some() {
             let path = config.browser.fapi_proxy_path.trim_end_matches('/');
             if !config.clerk.extra_issuers.iter().any(|i| i.ends_with(path)) {
@@ -268,7 +284,7 @@ impl Browser {
         }
         Self {
             fapi,
-            cors: cors::Cors::new(&config.cors, &config.clerk.authorized_parties),
+            cors: cors::Cors::new(config.cors, &config.clerk.authorized_parties),
             handshake,
             sign_in_url: (!config.browser.sign_in_url.is_empty())
                 .then(|| config.browser.sign_in_url.clone()),
@@ -278,8 +294,8 @@ impl Browser {
             ),
             header_names: CookieNames::new(suffix.as_deref()),
             gate,
-            trust_forwarded: config.proxy.trust_forwarded_headers,
-            accept_cookie: config.auth.accept_cookie,
+            trust_forwarded: config.trust_forwarded,
+            accept_cookie: config.accept_cookie,
         }
     }
 
@@ -840,7 +856,7 @@ fn set_cookies(directives: &[String]) -> (Vec<HeaderValue>, Option<String>) {
 }
 
 /// Adds the SDK's debug headers (`x-clerk-auth-status`, `x-clerk-auth-reason`).
-pub fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
+pub(crate) fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
     h.insert("x-clerk-auth-status", HeaderValue::from_static(status));
     if let Ok(v) = HeaderValue::from_str(reason) {
         h.insert("x-clerk-auth-reason", v);
@@ -848,7 +864,7 @@ pub fn auth_headers(h: &mut HeaderMap, status: &'static str, reason: &str) {
 }
 
 /// A `307` with `Location` and `Cache-Control: no-store`.
-pub fn redirect(location: &str) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+pub(crate) fn redirect(location: &str) -> Option<http::Response<http_body_util::Full<Bytes>>> {
     let mut resp = http::Response::new(http_body_util::Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
     resp.headers_mut()

@@ -5,14 +5,17 @@
 //! the cookie suffix, and where verification keys come from. Nothing on the request path
 //! re-derives any of it.
 
-pub mod api;
+pub(crate) mod api;
 pub mod claims;
 pub mod entitlements;
 pub mod publishable_key;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Secret, is_secure_or_loopback};
+use crate::config::error::ConfigError;
+use crate::secret::{Secret, is_secure_or_loopback};
 use publishable_key::PublishableKey;
 
 /// The Backend API version clerkgate speaks (the one `@clerk/backend` 3.25 pins).
@@ -94,6 +97,26 @@ pub struct Instance {
 }
 
 impl Config {
+    /// `jwks_ttl_seconds`.
+    pub fn jwks_ttl(&self) -> Duration {
+        Duration::from_secs(self.jwks_ttl_seconds)
+    }
+
+    /// `jwks_min_refresh_interval_seconds`.
+    pub fn jwks_min_refresh_interval(&self) -> Duration {
+        Duration::from_secs(self.jwks_min_refresh_interval_seconds)
+    }
+
+    /// `jwks_max_stale_seconds`.
+    pub fn jwks_max_stale(&self) -> Duration {
+        Duration::from_secs(self.jwks_max_stale_seconds)
+    }
+
+    /// `jwks_fetch_timeout_seconds`.
+    pub fn jwks_fetch_timeout(&self) -> Duration {
+        Duration::from_secs(self.jwks_fetch_timeout_seconds)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.resolve().map(|_| ())
     }

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, ConfigError};
 
 /// Exit code for configuration errors (sysexits EX_USAGE).
-pub const EXIT_CONFIG: u8 = 64;
+pub const EXIT_CONFIG: u8 = ConfigError::EXIT_CODE;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -17,6 +17,11 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod error;
+
+pub use crate::secret::{Secret, is_secure_or_loopback};
+pub use error::ConfigError;
+
 use crate::{
     admin, auth, browser, clerk, local_api, proxy, revocations, shutdown, telemetry, webhook,
 };
@@ -41,23 +46,6 @@ pub struct Config {
     pub log: telemetry::LogConfig,
     pub tracing: telemetry::otel::Config,
     pub shutdown: shutdown::Config,
-}
-
-/// A configuration problem, naming the key at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration: `{key}`: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
 }
 
 /// The `CLERK_*` variables and where each lands. All are taken as plain strings except the
@@ -250,7 +238,8 @@ impl Config {
         self.webhooks.validate()?;
         self.sessions.validate()?;
         self.fleet.validate()?;
-        self.local_api.validate(self)?;
+        self.local_api.validate()?;
+        self.validate_local_api()?;
         self.machine.validate()?;
         self.tracing.validate()?;
         if self.auth.max_token_bytes > self.proxy.max_header_bytes {
@@ -292,6 +281,31 @@ impl Config {
         Ok(())
     }
 
+    /// The local API against the sections it shares something with.
+    fn validate_local_api(&self) -> Result<(), ConfigError> {
+        let api = &self.local_api;
+        if api.enabled && self.sessions.api_budget_per_10s == 0 {
+            return Err(ConfigError::new(
+                "sessions.api_budget_per_10s",
+                "must be at least 1 while the local API is enabled (it shares this budget)",
+            ));
+        }
+        if api.enabled && api.listen.port() != 0 {
+            for (key, other) in [
+                ("proxy.listen", self.proxy.listen),
+                ("admin.listen", self.admin.listen),
+            ] {
+                if other == api.listen {
+                    return Err(ConfigError::new(
+                        "local_api.listen",
+                        format!("must differ from {key}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The effective configuration as TOML, every secret redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml_string(self)
@@ -301,50 +315,6 @@ impl Config {
 fn toml_string<T: Serialize>(value: &T) -> String {
     toml::to_string_pretty(value)
         .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
-}
-
-/// A secret value: redacted in `Debug` and when serialised, readable only through `expose()`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The one way to read the value. Call it where the secret leaves the process (an
-    /// `Authorization` header) or is parsed, and nowhere else.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret([redacted])")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("[redacted]")
-    }
-}
-
-/// `true` when `url` may be used for calls carrying secrets or fetching keys: https anywhere,
-/// or plain http to a loopback address (local fakes and `clerkgate dev`).
-pub fn is_secure_or_loopback(url: &reqwest::Url) -> bool {
-    match url.scheme() {
-        "https" => true,
-        "http" => match url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d == "localhost",
-            None => false,
-        },
-        _ => false,
-    }
 }
 
 #[cfg(test)]

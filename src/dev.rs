@@ -25,7 +25,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, ConfigError};
+use crate::secret::Secret;
 use crate::server::{ConnInfo, Handler};
 use signing::SigningKey;
 
@@ -206,7 +207,7 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
         Some(Ok(map)) => Some(map),
         Some(Err(e)) => {
             eprintln!("clerkgate dev: --claims must be a JSON object: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
+            return ExitCode::from(ConfigError::EXIT_CODE);
         }
     };
     if let Some(sub) = &args.mint {
@@ -221,7 +222,7 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("clerkgate: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
+            return ExitCode::from(ConfigError::EXIT_CODE);
         }
     };
     let clerk = match DevClerk::new(args.ttl) {
@@ -290,7 +291,7 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
     }
     if let Err(e) = config.validate() {
         eprintln!("clerkgate: {e}");
-        return ExitCode::from(crate::cli::EXIT_CONFIG);
+        return ExitCode::from(ConfigError::EXIT_CODE);
     }
     crate::telemetry::init_logging(&config.log);
     tracing::warn!(
@@ -314,7 +315,7 @@ pub async fn run(args: DevArgs, file: Option<PathBuf>) -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             eprintln!("clerkgate: {e}");
-            return ExitCode::from(crate::cli::EXIT_CONFIG);
+            return ExitCode::from(ConfigError::EXIT_CODE);
         }
     };
     let token = clerk.mint("user_dev_123", args.ttl, extra.as_ref());

@@ -34,7 +34,7 @@ use redis::streams::StreamReadReply;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::revocations::{
     Availability, Changed, Denied, Guard, InMemoryStore, OpenStreams, SessionRef, SessionStatus,
     SessionStore,
@@ -114,6 +114,11 @@ impl Serialize for RedisUrl {
 }
 
 impl Config {
+    /// `connect_timeout_ms`.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
     pub fn enabled(&self) -> bool {
         !self.redis_url.0.is_empty()
     }
@@ -274,7 +279,7 @@ impl Fleet {
             prefix: format!("{}:{issuer}", config.key_prefix),
             replica: replica_id(),
             fail_closed: config.on_unavailable == OnUnavailable::FailClosed,
-            timeout: Duration::from_millis(config.connect_timeout_ms),
+            timeout: config.connect_timeout(),
             retention_ms: retention.as_millis() as u64,
             webhook_retention_ms: webhook_retention.as_millis() as u64,
             link: Arc::new(Link {

@@ -2,48 +2,61 @@
 //!
 //! # Layout
 //!
-//! - [`config`] composes the sections each module owns and layers defaults, file and env.
+//! - [`config`] composes the sections each module owns and layers defaults, file and env;
+//!   `config::error` and `secret` are leaves every section imports, so no section imports
+//!   the composed `Config` (and no module imports another in a loop).
 //! - [`clerk`] holds what is Clerk-specific: the instance, publishable keys, claim decoding.
-//! - [`auth`] decides whether a request may pass: [`auth::gate`] is the one call every path
+//! - [`auth`] decides whether a request may pass: `auth::gate` is the one call every path
 //!   makes (token extraction, cache or verification, cookie freshness, the revocation check,
 //!   route policy, identity headers), for session and machine tokens alike.
-//! - [`proxy`] is the request path and the upstream client; [`rejection`] the one place that
-//!   maps refusals to responses.
-//! - [`server`] is the accept loop, [`runtime`] how many threads run it (multi-thread or one
-//!   runtime per CPU), [`admin`] the health and metrics listener, [`shutdown`] the
+//! - `body` reads bodies with a cap and builds clerkgate's own JSON answers (one helper).
+//! - [`router`] owns the proxy listener's handler: request ids, dispatch to the webhook
+//!   endpoint or the proxy, the per-request metric, trace outcome and access line.
+//! - [`proxy`] is the request path (forward-auth in `proxy/forward_auth.rs`) and the upstream
+//!   client; `proxy::rejection` the one place that maps refusals to responses.
+//! - [`server`] is the accept loop, `runtime` how many threads run it (multi-thread or one
+//!   runtime per CPU), `admin` the health and metrics listener, `shutdown` the
 //!   drain sequence, [`app`] the wiring, [`telemetry`] logs and metrics.
 //! - [`revocations`] holds the deny-lists and session statuses behind one door (the
 //!   `Guard`: a check, and a few typed writes); [`fleet`] shares them across replicas on Redis.
 //! - [`webhook`] verifies Clerk's Svix-signed webhooks, keeps their ids (its `ledger`, for
 //!   idempotency) and feeds [`revocations`].
-//! - [`browser`] is browser mode: CORS preflights, Clerk's handshake for page loads, sign-in
+//! - `browser` is browser mode: CORS preflights, Clerk's handshake for page loads, sign-in
 //!   redirects.
-//! - [`local_api`] is the pod-local Clerk API on a third listener: users and sessions through
-//!   the one Backend API client ([`clerk::api`]), cached, and token verification for the backend.
+//! - `local_api` is the pod-local Clerk API on a third listener: users and sessions through
+//!   the one Backend API client (`clerk::api`), cached, and token verification for the backend.
 //! - [`dev`] is `clerkgate dev`: an in-memory signing key, a local JWKS, an echo upstream.
+//!
+//! Modules without a link are private to the crate (`[lints]` in Cargo.toml warns about any
+//! `pub` item nothing outside could reach, so dead code shows); the public ones are what tests,
+//! benches, examples and the fuzz targets use.
 //!
 //! # Request path
 //!
 //! accept -> normalise path -> strip reserved headers -> route match -> gate (extract token ->
 //! cache or verify -> cookie freshness -> revocation -> policy) -> set identity headers ->
-//! forward -> metrics. See [`proxy`] and [`auth::gate`].
+//! forward -> metrics. See [`router`] (ids, dispatch, metrics), [`proxy`] (everything in
+//! between) and `auth::gate`.
 
-pub mod admin;
+mod admin;
 pub mod app;
 pub mod auth;
-pub mod browser;
+mod body;
+mod browser;
 pub mod clerk;
 pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod fleet;
-pub mod local_api;
+mod local_api;
 pub mod proxy;
-pub mod rejection;
+pub mod router;
+
 pub mod revocations;
-pub mod runtime;
+mod runtime;
+mod secret;
 pub mod server;
-pub mod shutdown;
+mod shutdown;
 pub mod telemetry;
 pub mod webhook;
 

@@ -35,10 +35,10 @@
 //! and why any other address requires `local_api.token`, checked in constant time on every
 //! request.
 
-pub mod cache;
-pub mod limit;
-pub mod reply;
-pub mod route;
+pub(crate) mod cache;
+pub(crate) mod limit;
+pub(crate) mod reply;
+pub(crate) mod route;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -56,10 +56,12 @@ use crate::auth::gate::{Gate, Refusal, Verified};
 use crate::auth::identity::Identity;
 use crate::auth::jwks::Unpublished;
 use crate::auth::{AuthError, now_ms};
+use crate::body::BodyError;
 use crate::clerk::API_VERSION;
 use crate::clerk::api::{Answer, BackendApi, Call, CallError};
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
 use crate::revocations::Guard;
+use crate::secret::Secret;
 use crate::server::{ConnInfo, Handler};
 use crate::telemetry::{ApiEndpoint, Label, LocalApiRoute, Metrics};
 use cache::{Cached, Caches, ObjectCache};
@@ -125,8 +127,34 @@ const MIN_TOKEN_CHARS: usize = 16;
 const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 impl Config {
-    /// Checks the section, and its address against the other listeners'.
-    pub fn validate(&self, config: &crate::config::Config) -> Result<(), ConfigError> {
+    /// `user_cache_ttl_seconds`.
+    pub fn user_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.user_cache_ttl_seconds)
+    }
+
+    /// `session_cache_ttl_seconds`.
+    pub fn session_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_cache_ttl_seconds)
+    }
+
+    /// `missing_user_cache_ttl_seconds`.
+    pub fn missing_user_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.missing_user_cache_ttl_seconds)
+    }
+
+    /// `attempt_timeout_ms`.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    /// `request_timeout_ms`.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// Checks the section (its address against the other listeners' and the shared Backend API
+    /// budget are checked by `Config::validate`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(token) = &self.token
             && token.expose().chars().count() < MIN_TOKEN_CHARS
         {
@@ -204,25 +232,6 @@ impl Config {
                 "must be at least 1024",
             ));
         }
-        if self.enabled && config.sessions.api_budget_per_10s == 0 {
-            return Err(ConfigError::new(
-                "sessions.api_budget_per_10s",
-                "must be at least 1 while the local API is enabled (it shares this budget)",
-            ));
-        }
-        if self.enabled && self.listen.port() != 0 {
-            for (key, other) in [
-                ("proxy.listen", config.proxy.listen),
-                ("admin.listen", config.admin.listen),
-            ] {
-                if other == self.listen {
-                    return Err(ConfigError::new(
-                        "local_api.listen",
-                        format!("must differ from {key}"),
-                    ));
-                }
-            }
-        }
         Ok(())
     }
 
@@ -270,7 +279,7 @@ fn may_have_happened(result: &Result<Answer, CallError>) -> bool {
 /// The normalised identity of a verified token, as `POST /v1/tokens/verify` returns it. The
 /// claims are decoded from the token itself (the cached identity keeps them only when routes
 /// need them).
-pub fn identity_json(identity: &Identity, token: &str) -> Value {
+pub(crate) fn identity_json(identity: &Identity, token: &str) -> Value {
     let claims = crate::auth::token::parse(token)
         .map(|parsed| Value::Object(parsed.payload))
         .unwrap_or(Value::Null);
@@ -409,16 +418,12 @@ impl LocalApi {
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let missing_ttl = Duration::from_secs(config.missing_user_cache_ttl_seconds);
+        let missing_ttl = config.missing_user_cache_ttl();
         let caches = Arc::new(Caches {
-            users: ObjectCache::new(
-                config.cache_capacity,
-                Duration::from_secs(config.user_cache_ttl_seconds),
-                missing_ttl,
-            ),
+            users: ObjectCache::new(config.cache_capacity, config.user_cache_ttl(), missing_ttl),
             sessions: ObjectCache::new(
                 config.cache_capacity,
-                Duration::from_secs(config.session_cache_ttl_seconds),
+                config.session_cache_ttl(),
                 // Session 404s are never stored (see `cached_get`).
                 Duration::from_secs(1),
             ),
@@ -442,8 +447,8 @@ impl LocalApi {
             ),
             token,
             cache_missing_users: !missing_ttl.is_zero(),
-            attempt_timeout: Duration::from_millis(config.attempt_timeout_ms),
-            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            attempt_timeout: config.attempt_timeout(),
+            request_timeout: config.request_timeout(),
             get_retries: config.get_retries,
             max_body: config.max_body_bytes,
             metrics,
@@ -611,12 +616,10 @@ impl LocalApi {
     /// A capped request body that must be a JSON object; passed on byte for byte. `None` when
     /// it is empty and `optional`.
     async fn read_json(&self, body: Incoming, optional: bool) -> Result<Option<Bytes>, LocalError> {
-        let bytes = match Limited::new(body, self.max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(LocalError::BodyTooLarge);
-            }
-            Err(_) => return Err(LocalError::InvalidBody),
+        let bytes = match crate::body::read_capped(body, self.max_body).await {
+            Ok(bytes) => bytes,
+            Err(BodyError::TooLarge) => return Err(LocalError::BodyTooLarge),
+            Err(BodyError::Read(_) | BodyError::Timeout) => return Err(LocalError::InvalidBody),
         };
         if optional && bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(None);
@@ -723,7 +726,7 @@ impl LocalApi {
             Ok(body) => body,
             Err(e) => return Reply::error(e),
         };
-        if let Err(retry_after_seconds) = self.user_updates.take(id, Instant::now()) {
+        if let Err(retry_after_seconds) = self.user_updates.take(id, tokio::time::Instant::now()) {
             return Reply::error(LocalError::RateLimited {
                 retry_after_seconds,
                 by: Throttle::UserUpdates,

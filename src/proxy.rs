@@ -6,15 +6,18 @@
 //! metrics.
 //!
 //! The same path serves the forward-auth endpoint (nginx `auth_request`, Traefik `ForwardAuth`,
-//! Envoy `ext_authz`), which answers with the identity headers instead of forwarding.
+//! Envoy `ext_authz`), which answers with the identity headers instead of forwarding
+//! (`proxy/forward_auth.rs`).
 
-pub mod answer;
+mod answer;
 mod browser_hook;
-pub mod forward;
+pub(crate) mod forward;
+mod forward_auth;
 pub mod headers;
 pub mod path;
-pub mod pool;
-pub mod pool_h2;
+mod pool;
+mod pool_h2;
+pub(crate) mod rejection;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,11 +32,11 @@ use serde::{Deserialize, Serialize};
 use crate::auth::gate::{Allowed, Decision, Gate};
 use crate::auth::policy::{Policy, RouteMatch};
 use crate::auth::{SpoofPolicy, now_ms};
-use crate::config::ConfigError;
-use crate::rejection::Rejection;
+use crate::config::error::ConfigError;
 use crate::server::ConnInfo;
-use crate::telemetry::{Label, Metrics, Outcome, UpstreamErrorKind};
+use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
+use rejection::Rejection;
 
 /// The response body: the upstream's, streamed, or one of ours.
 pub type ProxyBody = Either<forward::UpstreamBody, Full<Bytes>>;
@@ -121,6 +124,26 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `connect_timeout_seconds`.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_seconds)
+    }
+
+    /// `upstream_timeout_seconds`.
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_timeout_seconds)
+    }
+
+    /// `pool_idle_timeout_seconds`.
+    pub fn pool_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.pool_idle_timeout_seconds)
+    }
+
+    /// `header_read_timeout_seconds`.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let base = self.upstream_base()?;
         let https = base.scheme == http::uri::Scheme::HTTPS;
@@ -285,7 +308,6 @@ impl UpstreamBase {
 pub struct Proxy {
     /// Authentication, revocation and route policy, in one call.
     gate: Arc<Gate>,
-    webhooks: Arc<crate::webhook::Webhooks>,
     policy: Policy,
     reserved: Vec<String>,
     /// `headers.strip_request`, normalised (lower-case, `_` as `-`).
@@ -302,7 +324,6 @@ pub struct Proxy {
     encoded_slashes: EncodedSlashes,
     trust_forwarded: bool,
     preserve_host: bool,
-    request_ids: RequestIds,
     access_log: bool,
     access_user_id: bool,
     metrics: Arc<Metrics>,
@@ -310,95 +331,66 @@ pub struct Proxy {
     browser: Option<crate::browser::Browser>,
 }
 
-static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
-/// Request ids: a random per-process prefix and a counter, so an id costs one small formatted
-/// string, not a random draw per request, and ids from different replicas never collide.
-struct RequestIds {
-    prefix: String,
-    next: std::sync::atomic::AtomicU64,
-    trust: bool,
-}
-
-impl RequestIds {
-    fn new(trust: bool) -> Self {
-        let mut bytes = [0u8; 6];
-        let _ = aws_lc_rs::rand::fill(&mut bytes);
-        Self {
-            prefix: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-            next: std::sync::atomic::AtomicU64::new(1),
-            trust,
-        }
-    }
-
-    /// The request's id: the client's own when trusted and sane (printable ASCII or space, at
-    /// most 256 bytes; then the request is left as sent and `None` is returned alongside), else
-    /// a new one that the caller sets on the request.
-    fn for_request(&self, headers: &http::HeaderMap) -> (HeaderValue, bool) {
-        let sane = |v: &HeaderValue| {
-            !v.is_empty() && v.len() <= 256 && v.as_bytes().iter().all(|b| (0x20..0x7f).contains(b))
-        };
-        if self.trust
-            && let Some(first) = headers.get(&X_REQUEST_ID)
-            && headers.get_all(&X_REQUEST_ID).iter().all(sane)
-        {
-            return (first.clone(), true);
-        }
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        (id, false)
-    }
-}
-
 /// What the access line needs from deep inside the request path, carried in the response's
 /// extensions (inserted only when the access log is on, or on a refusal).
 #[derive(Clone, Copy)]
-struct Reason(&'static str);
+pub(crate) struct Reason(pub(crate) &'static str);
 #[derive(Clone, Copy)]
-struct UpstreamTime(Duration);
+pub(crate) struct UpstreamTime(pub(crate) Duration);
 #[derive(Clone)]
-struct AccessUser(Box<str>);
+pub(crate) struct AccessUser(pub(crate) Box<str>);
+
+/// The sections the request path reads besides its own `[proxy]`, lent by the composed
+/// configuration (which has checked them against each other).
+pub struct Sections<'a> {
+    pub proxy: &'a Config,
+    pub auth: &'a crate::auth::Config,
+    pub headers: &'a crate::auth::identity::HeadersConfig,
+    pub routes: &'a [crate::auth::policy::RouteConfig],
+    pub log: &'a crate::telemetry::LogConfig,
+}
 
 impl Proxy {
     pub fn new(
-        config: &crate::config::Config,
+        sections: Sections<'_>,
         gate: Arc<Gate>,
-        webhooks: Arc<crate::webhook::Webhooks>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
-        let p = &config.proxy;
+        let Sections {
+            proxy: p,
+            auth: auth_config,
+            headers,
+            routes,
+            log,
+        } = sections;
         let upstream = p.upstream_base()?;
         let client = pool_h2::Client::new(p, &upstream)?;
         Ok(Self {
             reserved: gate.builder().reserved().to_vec(),
-            strip_request: config
-                .headers
+            strip_request: headers
                 .strip_request
                 .iter()
                 .map(|n| crate::auth::identity::normalise_name(n))
                 .collect(),
             remove_list: answer::RemoveList::new(
                 gate.builder().reserved(),
-                config.auth.forward_token,
+                auth_config.forward_token,
             ),
             gate,
-            webhooks,
-            policy: Policy::new(&config.routes),
-            spoof: config.auth.on_spoofed_header,
-            forward_token: config.auth.forward_token,
+            policy: Policy::new(routes),
+            spoof: auth_config.on_spoofed_header,
+            forward_token: auth_config.forward_token,
             upstream,
             client,
-            upstream_timeout: Duration::from_secs(p.upstream_timeout_seconds),
+            upstream_timeout: p.upstream_timeout(),
             forward_auth_path: (!p.forward_auth_path.is_empty())
                 .then(|| p.forward_auth_path.clone()),
             forward_auth_uri_source: p.forward_auth_uri_source,
             encoded_slashes: p.encoded_slashes,
             trust_forwarded: p.trust_forwarded_headers,
             preserve_host: p.preserve_host,
-            request_ids: RequestIds::new(p.trust_request_id),
-            access_log: config.log.access,
-            access_user_id: config.log.access_user_id,
+            access_log: log.access,
+            access_user_id: log.access_user_id,
             metrics,
             browser: None,
         })
@@ -410,44 +402,28 @@ impl Proxy {
         self
     }
 
-    /// Handles one request from a client.
-    pub async fn handle_request(
+    /// Answers one request that is not a webhook: forward-auth, the Frontend API proxy, or a
+    /// proxied request (a gRPC client's refusal in gRPC's own form). The router above records
+    /// the metric and the access line.
+    pub(crate) async fn dispatch(
         &self,
-        mut req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<ProxyBody> {
-        let start = Instant::now();
-        // One id per request, sent upstream and back to the client (and in the access line).
-        let (request_id, kept) = self.request_ids.for_request(req.headers());
-        if !kept {
-            req.headers_mut()
-                .insert(X_REQUEST_ID.clone(), request_id.clone());
-        }
-        // Logged without the query string, which may carry secrets.
-        let access =
-            self.access_log && tracing::enabled!(target: "clerkgate::access", tracing::Level::INFO);
-        let log_line = (access || tracing::enabled!(tracing::Level::DEBUG))
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let (resp, outcome) = if req.method() == Method::CONNECT {
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> (Response<ProxyBody>, Outcome) {
+        if req.method() == Method::CONNECT {
             // A CONNECT tunnel would carry anything past every check (RFC 9110 section 9.3.6).
             self.reject(Rejection::MethodNotAllowed)
-        } else if self.webhooks.matches(req.uri().path()) {
-            // Verified by its Svix signature, not by a session token.
-            (
-                self.webhooks.handle(req).await.map(Either::Right),
-                Outcome::Webhook,
-            )
         } else if self.is_forward_auth(req.uri().path()) {
             self.forward_auth(req).await
         } else if let Some(fapi) = self.fapi_proxy(req.uri().path()) {
             // Clerk's own traffic: public, authenticated by Clerk itself.
             (
-                fapi.forward(req, &conn).await.map(Either::Right),
+                fapi.forward(req, conn).await.map(Either::Right),
                 Outcome::FapiProxy,
             )
-        } else if let Some(grpc) = crate::rejection::grpc_content_type(req.headers()).cloned() {
+        } else if let Some(grpc) = rejection::grpc_content_type(req.headers()).cloned() {
             // A gRPC client reads a refusal from `grpc-status`, not from the HTTP status.
-            let (mut resp, outcome) = self.proxy(req, &conn).await;
+            let (mut resp, outcome) = self.proxy(req, conn).await;
             match resp.extensions().get::<Rejection>().copied() {
                 Some(r) => {
                     let mut answer = r.grpc_response(grpc).map(Either::Right);
@@ -457,51 +433,8 @@ impl Proxy {
                 None => (resp, outcome),
             }
         } else {
-            self.proxy(req, &conn).await
-        };
-        let mut resp = resp;
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        self.metrics.requests.inc(outcome);
-        if crate::telemetry::otel::enabled() {
-            let reason = resp.extensions().get::<Reason>().map(|r| r.0);
-            crate::telemetry::otel::record_outcome(outcome.as_label(), reason);
+            self.proxy(req, conn).await
         }
-        let elapsed = start.elapsed();
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        if access && let Some((method, path)) = &log_line {
-            let ext = resp.extensions();
-            tracing::info!(
-                target: "clerkgate::access",
-                method = %method,
-                path = path.as_str(),
-                status = resp.status().as_u16(),
-                outcome = crate::telemetry::Label::as_label(outcome),
-                reason = ext.get::<Reason>().map(|r| r.0),
-                micros = elapsed.as_micros() as u64,
-                upstream_micros = ext.get::<UpstreamTime>().map(|t| t.0.as_micros() as u64),
-                request_id = resp.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()),
-                user_id = ext.get::<AccessUser>().map(|u| &*u.0),
-                "access"
-            );
-        } else if let Some((method, path)) = log_line {
-            tracing::debug!(
-                %method,
-                path,
-                status = resp.status().as_u16(),
-                outcome = crate::telemetry::Label::as_label(outcome),
-                micros = elapsed.as_micros() as u64,
-                peer = %conn.peer,
-                "request"
-            );
-        }
-        resp
-    }
-
-    fn is_forward_auth(&self, path: &str) -> bool {
-        self.forward_auth_path.as_deref().is_some_and(|fa| {
-            path.strip_prefix(fa)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-        })
     }
 
     fn reject(&self, r: Rejection) -> (Response<ProxyBody>, Outcome) {
@@ -518,7 +451,7 @@ impl Proxy {
         );
         let mut resp = r.response().map(Either::Right);
         resp.extensions_mut().insert(Reason(r.reason()));
-        // For the gRPC answer, see `handle_request`.
+        // For the gRPC answer, see `dispatch`.
         resp.extensions_mut().insert(r);
         (resp, r.outcome())
     }
@@ -716,157 +649,6 @@ impl Proxy {
             resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors, lease))),
             outcome,
         )
-    }
-
-    /// The original request's URI for forward-auth: `X-Forwarded-Uri` (Traefik),
-    /// `X-Original-URI` (nginx), or the path below the endpoint (Envoy's `path_prefix`). Each
-    /// ingress sets one source itself and passes the client's other headers through, so a
-    /// client could add a second, different one: with `auto`, every source present must agree,
-    /// and a disagreement is refused.
-    fn original_uri(&self, req: &Request<Incoming>) -> Result<String, Rejection> {
-        let header = |name: &str| -> Result<Option<String>, Rejection> {
-            let mut values = req.headers().get_all(name).iter();
-            match (values.next(), values.next()) {
-                (None, _) => Ok(None),
-                (Some(v), None) => v
-                    .to_str()
-                    .map(|v| Some(v.to_owned()))
-                    .map_err(|_| Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous)),
-                (Some(_), Some(_)) => {
-                    Err(Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous))
-                }
-            }
-        };
-        let below = || {
-            let fa = self.forward_auth_path.as_deref().unwrap_or("");
-            let below = req.uri().path().strip_prefix(fa).unwrap_or("");
-            (!below.is_empty()).then(|| below.to_owned())
-        };
-        let missing = Rejection::ForwardAuthUri(ForwardAuthUriError::Missing);
-        match self.forward_auth_uri_source {
-            UriSource::XForwardedUri => header("x-forwarded-uri")?.ok_or(missing),
-            UriSource::XOriginalUri => header("x-original-uri")?.ok_or(missing),
-            UriSource::Path => below().ok_or(missing),
-            UriSource::Auto => {
-                let candidates = [
-                    header("x-forwarded-uri")?,
-                    header("x-original-uri")?,
-                    below(),
-                ];
-                let mut present = candidates.into_iter().flatten();
-                let Some(first) = present.next() else {
-                    return Ok("/".to_owned());
-                };
-                if present.any(|other| other != first) {
-                    return Err(Rejection::ForwardAuthUri(ForwardAuthUriError::Ambiguous));
-                }
-                Ok(first)
-            }
-        }
-    }
-
-    /// The forward-auth answer: 200 with the identity headers, the token headers the app may
-    /// see and `x-envoy-auth-headers-to-remove` (see [`answer`]), or the refusal.
-    async fn forward_auth(&self, mut req: Request<Incoming>) -> (Response<ProxyBody>, Outcome) {
-        let original = match self.original_uri(&req) {
-            Ok(uri) => uri,
-            Err(r) => return self.reject(r),
-        };
-        let original_path = original.split(['?', '#']).next().unwrap_or("/");
-        let normalized = match path::normalize(original_path, self.encoded_slashes) {
-            Ok(p) => p,
-            Err(e) => return self.reject(Rejection::Path(e)),
-        };
-        // Names reserved only by spelling or prefix (`x_user_id`, `x-clerk-anything`): the
-        // ingress cannot know them, so the answer names them. One scan of the names when the
-        // client sent no reserved header (the usual case), and no allocation.
-        let spoofed = req
-            .headers()
-            .keys()
-            .any(|n| headers::is_reserved(n.as_str(), &self.reserved));
-        let extra: Vec<http::HeaderName> = if spoofed {
-            let extra = req
-                .headers()
-                .keys()
-                .filter(|n| headers::is_reserved(n.as_str(), &self.reserved))
-                .filter(|n| !self.remove_list.manages(n))
-                .cloned()
-                .collect();
-            if let Err(r) = self.strip_spoofed(req.headers_mut()) {
-                return self.reject(r);
-            }
-            extra
-        } else {
-            Vec::new()
-        };
-        let method = match self.forward_auth_method(req.headers()) {
-            Ok(m) => m,
-            Err(r) => return self.reject(r),
-        };
-        // A preflight goes on without a token, answered like an anonymous request (the spoofed
-        // identity headers still listed for removal).
-        let preflight = self.forward_auth_preflight(method.as_ref(), req.headers());
-        let route = self.policy.route_for(&normalized.matching, method.as_ref());
-        let decision = if preflight {
-            Ok(None)
-        } else {
-            self.decide(req.headers(), &route).await
-        };
-        match decision {
-            Err(r) => self.reject(r),
-            Ok(identity) => {
-                let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
-                *resp.status_mut() = StatusCode::OK;
-                let h = resp.headers_mut();
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                if let Some(allowed) = &identity {
-                    self.gate.insert_headers(allowed, h);
-                }
-                // The token reaches the app only with `auth.forward_token`: the answer carries
-                // what the app may see of `Authorization` and `Cookie`, and the ingress sets
-                // (nginx, Traefik) or removes (Envoy) them from the answer.
-                if self.forward_token {
-                    if let Some(authorization) = req.headers().get(header::AUTHORIZATION) {
-                        h.insert(header::AUTHORIZATION, authorization.clone());
-                    }
-                } else {
-                    headers::strip_token(req.headers_mut(), self.gate.cookies());
-                }
-                if let Some(cookies) = answer::joined_cookies(req.headers()) {
-                    h.insert(header::COOKIE, cookies);
-                }
-                let remove = self.remove_list.value(h, &extra);
-                if !remove.is_empty() {
-                    h.insert(answer::HEADERS_TO_REMOVE.clone(), remove);
-                }
-                let outcome = if preflight {
-                    Outcome::Preflight
-                } else {
-                    Outcome::ForwardAuthAllowed
-                };
-                (resp, outcome)
-            }
-        }
-    }
-}
-
-impl crate::server::Handler for Proxy {
-    type Body = ProxyBody;
-
-    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
-        if !crate::telemetry::otel::enabled() {
-            return self.handle_request(req, conn).await;
-        }
-        // The request's server span (until the response head), when traces are exported.
-        let span = crate::telemetry::otel::request_span(&req);
-        let resp =
-            tracing::Instrument::instrument(self.handle_request(req, conn), span.clone()).await;
-        let id = resp
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(|v| v.to_str().ok());
-        crate::telemetry::otel::record_response(&span, resp.status(), id);
-        resp
     }
 }
 

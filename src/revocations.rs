@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[sessions]`: how revocation is enforced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +65,21 @@ impl Default for Config {
 pub const MAX_RETENTION_SECONDS: u64 = 10 * 365 * 86_400;
 
 impl Config {
+    /// `duration_seconds` (how long a revocation is kept).
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.duration_seconds)
+    }
+
+    /// `status_ttl_seconds`, at least one second.
+    pub fn status_ttl(&self) -> Duration {
+        Duration::from_secs(self.status_ttl_seconds.max(1))
+    }
+
+    /// `api_timeout_ms`.
+    pub fn api_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_timeout_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (key, v) in [
             ("sessions.duration_seconds", self.duration_seconds),
@@ -481,9 +496,9 @@ impl Guard {
             api,
             api_answers: moka::future::Cache::builder()
                 .max_capacity(config.max_entries)
-                .time_to_live(Duration::from_secs(config.status_ttl_seconds.max(1)))
+                .time_to_live(config.status_ttl())
                 .build(),
-            timeout: Duration::from_millis(config.api_timeout_ms),
+            timeout: config.api_timeout(),
             fail_open: config.fail_open,
             metrics,
             listener: std::sync::OnceLock::new(),

@@ -31,7 +31,7 @@ thread_local! {
 
 /// The index of the per-core runtime this thread runs (0 outside the per-core mode, and on the
 /// first runtime). Lets shared structures keep per-runtime shards without a lock between them.
-pub fn worker() -> usize {
+pub(crate) fn worker() -> usize {
     WORKER.with(Cell::get)
 }
 
@@ -42,7 +42,7 @@ pub(crate) fn set_worker(index: usize) {
 
 /// `proxy.worker_threads` resolved: 0 means one per CPU this process may use (the affinity
 /// mask and a cgroup CPU quota are respected by `available_parallelism`).
-pub fn worker_count(configured: usize) -> usize {
+pub(crate) fn worker_count(configured: usize) -> usize {
     match configured {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -50,7 +50,7 @@ pub fn worker_count(configured: usize) -> usize {
 }
 
 /// The threads of the main runtime: the per-core mode's first runtime is a current-thread one.
-pub fn main_runtime_threads(kind: RuntimeKind, configured: usize) -> usize {
+pub(crate) fn main_runtime_threads(kind: RuntimeKind, configured: usize) -> usize {
     match kind {
         RuntimeKind::MultiThread => worker_count(configured),
         RuntimeKind::PerCore => 1,
@@ -58,7 +58,7 @@ pub fn main_runtime_threads(kind: RuntimeKind, configured: usize) -> usize {
 }
 
 /// How many extra per-core runtimes serve the proxy beside the main one.
-pub fn extra_proxy_runtimes(kind: RuntimeKind, configured: usize) -> usize {
+pub(crate) fn extra_proxy_runtimes(kind: RuntimeKind, configured: usize) -> usize {
     match kind {
         RuntimeKind::MultiThread => 0,
         RuntimeKind::PerCore => worker_count(configured).saturating_sub(1),
@@ -67,7 +67,9 @@ pub fn extra_proxy_runtimes(kind: RuntimeKind, configured: usize) -> usize {
 
 /// Binds a listening socket with `SO_REUSEPORT` (and `SO_REUSEADDR`), so that the per-core
 /// runtimes can each bind their own socket to the same address.
-pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub(crate) fn bind_reuseport(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

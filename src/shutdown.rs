@@ -40,7 +40,7 @@ impl Config {
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
-pub async fn signal() {
+pub(crate) async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -8,7 +8,7 @@
 //! Counters are resolved per label value at start-up, so recording on the request path is one
 //! atomic add: no label hashing and no lock.
 
-pub mod otel;
+pub(crate) mod otel;
 
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -215,7 +215,7 @@ label_enum! {
 }
 
 label_enum! {
-    /// Routes of the pod-local Clerk API ([`crate::local_api`]); `unknown` for anything else.
+    /// Routes of the pod-local Clerk API (`local_api`); `unknown` for anything else.
     pub enum LocalApiRoute {
         UsersGet => "users_get",
         UsersList => "users_list",

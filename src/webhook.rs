@@ -7,7 +7,7 @@
 //! failed is forwarded again on Svix's retry. Only then is the payload parsed ([`events`]).
 //! Error bodies carry a reason code and nothing from the payload.
 
-pub mod events;
+mod events;
 pub mod ledger;
 pub mod signature;
 
@@ -16,16 +16,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Body, Incoming};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, Secret};
+use crate::body::BodyError;
+use crate::config::error::ConfigError;
 use crate::revocations::Guard;
+use crate::secret::Secret;
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
-use ledger::{LocalLedger, WebhookClaim, WebhookLedger, WebhookProgress};
+use ledger::{WebhookClaim, WebhookLedger, WebhookProgress};
 use signature::{SignatureError, WebhookSecret};
 
 /// `[webhooks]`: the Clerk webhook endpoint.
@@ -57,6 +59,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `tolerance_seconds` (the pure check takes whole seconds).
+    pub fn tolerance(&self) -> Duration {
+        Duration::from_secs(self.tolerance_seconds)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(secret) = &self.secret {
             WebhookSecret::parse(secret.expose())
@@ -93,7 +100,7 @@ impl Config {
 }
 
 /// Sends verified events to the upstream.
-struct Forwarder {
+pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     uri: http::Uri,
     timeout: Duration,
@@ -125,32 +132,51 @@ fn now_s() -> i64 {
 }
 
 fn reply(status: StatusCode, key: &str, value: &str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(format!(
-        "{{\"{key}\":\"{value}\"}}\n"
-    ))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    crate::body::json(status, format!("{{\"{key}\":\"{value}\"}}\n"))
 }
 
 /// How long webhook ids are remembered: well past the Svix tolerance window (retries come
 /// within it), and at least an hour.
 pub fn retention(config: &Config) -> Duration {
-    Duration::from_secs(config.tolerance_seconds.saturating_mul(2).max(3600))
+    config
+        .tolerance()
+        .saturating_mul(2)
+        .max(Duration::from_secs(3600))
+}
+
+impl Forwarder {
+    /// Sends verified events to `uri` on the upstream (`webhooks.forward_path` under
+    /// `proxy.upstream`), with the proxy's timeouts.
+    pub fn new(
+        uri: http::Uri,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        timeout: Duration,
+        ca_path: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let client = crate::proxy::forward::client(connect_timeout, idle_timeout, 4, ca_path)
+            .map_err(|e| {
+                ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
+            })?;
+        Ok(Self {
+            client,
+            uri,
+            timeout,
+        })
+    }
 }
 
 impl Webhooks {
+    /// The endpoint for `[webhooks]`; `forwarder` sends verified events upstream (set when
+    /// `webhooks.forward_path` is).
+    /// `ledger` keeps the `svix-id` table (the fleet's, to claim deliveries fleet-wide).
     pub fn new(
-        config: &crate::config::Config,
+        w: &Config,
+        forwarder: Option<Forwarder>,
+        ledger: Arc<dyn WebhookLedger>,
         sessions: Arc<Guard>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
-        let w = &config.webhooks;
         let secret = w
             .secret
             .as_ref()
@@ -163,28 +189,6 @@ impl Webhooks {
                 "no webhook secret (CLERK_WEBHOOK_SECRET): the webhook endpoint answers 503 and revocations arrive only through token expiry"
             );
         }
-        let forwarder = match &w.forward_path {
-            None => None,
-            Some(path) => {
-                let base = config.proxy.upstream_base()?;
-                let client = crate::proxy::forward::client(
-                    Duration::from_secs(config.proxy.connect_timeout_seconds),
-                    Duration::from_secs(config.proxy.pool_idle_timeout_seconds),
-                    4,
-                    config.proxy.upstream_ca_path.as_deref(),
-                )
-                .map_err(|e| {
-                    ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
-                })?;
-                Some(Forwarder {
-                    client,
-                    uri: base
-                        .uri(path, None)
-                        .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
-                    timeout: Duration::from_secs(config.proxy.upstream_timeout_seconds),
-                })
-            }
-        };
         let claim_wait = forwarder
             .as_ref()
             .map_or(Duration::from_secs(5), |f| {
@@ -193,7 +197,7 @@ impl Webhooks {
             .min(Duration::from_secs(15));
         Ok(Self {
             claim_wait,
-            ledger: Arc::new(LocalLedger::new(retention(w), config.sessions.max_entries)),
+            ledger,
             secret,
             path: w.path.clone(),
             max_body: w.max_body_bytes,
@@ -202,12 +206,6 @@ impl Webhooks {
             sessions,
             metrics,
         })
-    }
-
-    /// Keeps the `svix-id` table in `ledger` (the fleet's, to claim deliveries fleet-wide).
-    pub fn with_ledger(mut self, ledger: Arc<dyn WebhookLedger>) -> Self {
-        self.ledger = ledger;
-        self
     }
 
     /// Whether a request is for this endpoint (exact path).
@@ -259,16 +257,16 @@ impl Webhooks {
                 "webhook-body-too-large",
             );
         }
-        let body = match Limited::new(body, self.max_body).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let body = match crate::body::read_capped(body, self.max_body).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => {
                 return self.refuse(
                     WebhookResult::TooLarge,
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "webhook-body-too-large",
                 );
             }
-            Err(_) => {
+            Err(BodyError::Read(_) | BodyError::Timeout) => {
                 return self.refuse(
                     WebhookResult::Malformed,
                     StatusCode::BAD_REQUEST,

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use super::verify::VerifiedClaims;
 use crate::clerk::claims::{self, Org};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[headers]`: names of the identity headers sent upstream.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use aws_lc_rs::rsa::PublicKeyComponents;
@@ -26,11 +26,12 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::AuthError;
 use super::token::Alg;
 use crate::clerk::{API_VERSION, Instance, KeySource};
-use crate::config::Secret;
+use crate::secret::Secret;
 use crate::telemetry::{JwksFetchResult, Label, Metrics};
 
 /// One verification key, parsed and bound to its algorithm.
@@ -181,10 +182,10 @@ pub struct JwksSettings {
 impl JwksSettings {
     pub fn from_config(c: &crate::clerk::Config) -> Self {
         Self {
-            ttl: Duration::from_secs(c.jwks_ttl_seconds),
-            min_refresh_interval: Duration::from_secs(c.jwks_min_refresh_interval_seconds),
-            max_stale: Duration::from_secs(c.jwks_max_stale_seconds),
-            fetch_timeout: Duration::from_secs(c.jwks_fetch_timeout_seconds),
+            ttl: c.jwks_ttl(),
+            min_refresh_interval: c.jwks_min_refresh_interval(),
+            max_stale: c.jwks_max_stale(),
+            fetch_timeout: c.jwks_fetch_timeout(),
             max_body_bytes: c.jwks_max_body_bytes,
         }
     }
@@ -516,12 +517,12 @@ async fn fetch(remote: &Remote) -> Result<KeySet, FetchError> {
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
-    let body = crate::clerk::api::read_capped(resp, remote.settings.max_body_bytes)
+    let body = crate::body::read_response_capped(resp, remote.settings.max_body_bytes)
         .await
         .map_err(|e| match e {
-            crate::clerk::api::BodyError::TooLarge => FetchError::TooLarge,
-            crate::clerk::api::BodyError::Timeout => FetchError::Timeout,
-            crate::clerk::api::BodyError::Read(e) => FetchError::Network(e),
+            crate::body::BodyError::TooLarge => FetchError::TooLarge,
+            crate::body::BodyError::Timeout => FetchError::Timeout,
+            crate::body::BodyError::Read(e) => FetchError::Network(e),
         })?;
     parse_jwks(&body)
 }

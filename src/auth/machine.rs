@@ -40,7 +40,8 @@ use super::token;
 use super::verify::Verifier;
 use super::{AuthError, DEFAULT_MAX_TOKEN_BYTES};
 use crate::clerk::api::{BackendApi, Call, CallError};
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
+use crate::secret::Secret;
 use crate::telemetry::{ApiEndpoint, MachineResult, MachineTokenLabel, Metrics};
 
 /// `TokenType` of `@clerk/backend`.
@@ -92,7 +93,7 @@ const OAUTH_TYPES: [&str; 2] = ["at+jwt", "application/at+jwt"];
 const CAT_M2M: &str = "cl_B7d4PD333AAA";
 
 /// `isJwtFormat`: three non-empty base64url segments.
-pub fn is_jwt_format(token: &str) -> bool {
+pub(crate) fn is_jwt_format(token: &str) -> bool {
     let mut n = 0;
     for part in token.split('.') {
         n += 1;
@@ -147,7 +148,7 @@ fn is_oauth_jwt(header_payload: &Option<(Value, Value)>) -> bool {
 
 /// The SDK's classification of a header token: `getMachineTokenType` for machine tokens
 /// (`isMachineToken`), `session_token` for everything else.
-pub fn classify(token: &str) -> TokenType {
+pub(crate) fn classify(token: &str) -> TokenType {
     let decoded = if is_jwt_format(token) {
         decode_unverified(token)
     } else {
@@ -302,6 +303,21 @@ impl Default for Config {
 }
 
 impl Config {
+    /// `cache_ttl_seconds`.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_ttl_seconds)
+    }
+
+    /// `negative_cache_seconds`.
+    pub fn negative_cache(&self) -> Duration {
+        Duration::from_secs(self.negative_cache_seconds)
+    }
+
+    /// `verify_timeout_ms`.
+    pub fn verify_timeout(&self) -> Duration {
+        Duration::from_millis(self.verify_timeout_ms)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let valid = self.machine_id.starts_with(M2M_SUBJECT_PREFIX)
             && crate::clerk::api::is_id(&self.machine_id);
@@ -520,7 +536,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// `ak_…`, `mt_…`, `oat_…` with something printable after the prefix. Clerk documents no exact
 /// shape, so only clearly malformed values are refused before any Backend API call.
-pub fn opaque_shape_ok(token: &str) -> bool {
+pub(crate) fn opaque_shape_ok(token: &str) -> bool {
     let rest = [M2M_PREFIX, OAUTH_PREFIX, API_KEY_PREFIX]
         .iter()
         .find_map(|p| token.strip_prefix(p));
@@ -552,20 +568,22 @@ impl MachineAuth {
         }
     }
 
-    /// The verifier for a configuration, sharing the authenticator's keys and issuer rules.
+    /// The verifier for `[machine]`, sharing the authenticator's keys, issuer rules and token
+    /// length cap (`auth.max_token_bytes`).
     pub fn for_config(
-        config: &crate::config::Config,
+        config: &Config,
+        headers: &HeadersConfig,
         auth: &super::Authenticator,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self::new(
-            &config.machine,
-            &config.headers,
+            config,
+            headers,
             auth.keys().clone(),
             auth.verifier().clone(),
             metrics,
         )
-        .with_max_token_bytes(config.auth.max_token_bytes)
+        .with_max_token_bytes(auth.max_token_bytes)
     }
 
     /// The Backend API client for opaque tokens (absent: opaque tokens are 503).
@@ -682,13 +700,13 @@ impl MachineAuth {
                 let verdict = verdict?;
                 let ttl = match &verdict {
                     Verdict::Pass(p) => {
-                        let ttl = Duration::from_secs(self.config.cache_ttl_seconds);
+                        let ttl = self.config.cache_ttl();
                         match p.expiration_ms {
                             Some(exp) => ttl.min(Duration::from_millis(exp.saturating_sub(now_ms))),
                             None => ttl,
                         }
                     }
-                    Verdict::Refused(_) => Duration::from_secs(self.config.negative_cache_seconds),
+                    Verdict::Refused(_) => self.config.negative_cache(),
                 };
                 Ok::<_, AuthError>(Arc::new(Cached {
                     verdict,
@@ -767,7 +785,7 @@ impl MachineAuth {
                     path,
                     query: None,
                     body: Some(body),
-                    timeout: Some(Duration::from_millis(self.config.verify_timeout_ms)),
+                    timeout: Some(self.config.verify_timeout()),
                     retries: 0,
                     max_body_bytes: MAX_ANSWER_BYTES,
                     api_version: None,

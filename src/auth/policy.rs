@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::identity::Identity;
 use super::machine::{Accepts, Principal};
 use crate::clerk::entitlements::{self, Reverification};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Whether a route needs a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -252,7 +252,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, AuthError> {
 }
 
 /// The structural checks without the session-token type rules, for machine JWTs (M2M and
-/// OAuth access tokens, whose `typ` and `cat` rules are checked by [`super::machine`]).
+/// OAuth access tokens, whose `typ` and `cat` rules are checked by `auth::machine`).
 pub fn parse_machine(token: &str) -> Result<Parsed<'_>, AuthError> {
     parse_with(token, |_, _| Ok(()))
 }

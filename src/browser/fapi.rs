@@ -9,16 +9,14 @@
 //! `Content-Length`/`Content-Encoding` are recomputed/dropped. The secret key travels only to
 //! `fapi_url` and never back: any `Clerk-Secret-Key` in an answer is removed.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::config::Secret;
 use crate::proxy::headers;
 use crate::proxy::path::{self, EncodedSlashes};
+use crate::secret::Secret;
 use crate::server::ConnInfo;
 
 /// Largest request body forwarded (clerk-js sends small forms).
@@ -40,21 +38,13 @@ pub struct FapiProxy {
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    crate::body::json(status, body)
 }
 
 impl FapiProxy {
     /// `None` when `browser.fapi_proxy_path` is empty. Needs the secret key (checked by
     /// [`super::Config::validate`]).
-    pub fn new(config: &crate::config::Config) -> Option<Self> {
+    pub fn new(config: &super::Sections<'_>) -> Option<Self> {
         let b = &config.browser;
         if b.fapi_proxy_path.is_empty() {
             return None;
@@ -68,8 +58,8 @@ impl FapiProxy {
         };
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(config.proxy.upstream_timeout_seconds))
-            .connect_timeout(Duration::from_secs(config.proxy.connect_timeout_seconds))
+            .timeout(config.upstream_timeout)
+            .connect_timeout(config.connect_timeout)
             .no_proxy()
             .build()
             .ok()?;
@@ -80,8 +70,8 @@ impl FapiProxy {
             fapi_host,
             secret,
             http,
-            trust_forwarded: config.proxy.trust_forwarded_headers,
-            encoded_slashes: config.proxy.encoded_slashes,
+            trust_forwarded: config.trust_forwarded,
+            encoded_slashes: config.encoded_slashes,
         })
     }
 
@@ -121,8 +111,8 @@ impl FapiProxy {
         let origin = public.origin().ascii_serialization();
         let proxy_url = format!("{origin}{}", self.path);
 
-        let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-            Ok(b) => b.to_bytes(),
+        let body = match crate::body::read_capped(body, MAX_REQUEST_BYTES).await {
+            Ok(b) => b,
             Err(_) => {
                 return error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -189,7 +179,7 @@ impl FapiProxy {
         };
         let status = resp.status();
         let mut out_headers = resp.headers().clone();
-        let body = match crate::clerk::api::read_capped(resp, MAX_RESPONSE_BYTES).await {
+        let body = match crate::body::read_response_capped(resp, MAX_RESPONSE_BYTES).await {
             Ok(b) => b,
             Err(_) => {
                 return error(

@@ -17,7 +17,7 @@ const B64URL: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// Cookie names for one instance, computed once.
-pub struct Names {
+pub(crate) struct Names {
     /// The Frontend API host (`tokenBelongsToInstance` compares issuers with it).
     frontend_api: String,
     session_suffixed: String,
@@ -27,7 +27,7 @@ pub struct Names {
 }
 
 impl Names {
-    pub fn new(suffix: Option<&str>, frontend_api: &str) -> Self {
+    pub(crate) fn new(suffix: Option<&str>, frontend_api: &str) -> Self {
         // Without a publishable key there is no suffix; the SDK would then look up
         // `__session_` (an empty suffix), which no browser has.
         let s = suffix.unwrap_or("");
@@ -46,7 +46,7 @@ const PEEK_MAX_BYTES: usize = 16 * 1024;
 
 /// The unverified claims the SDK reads before verification.
 #[derive(Debug, Default, Deserialize)]
-pub struct Peek {
+pub(crate) struct Peek {
     #[serde(default, deserialize_with = "lenient_string")]
     pub iss: Option<String>,
     #[serde(default, deserialize_with = "lenient_number")]
@@ -69,7 +69,7 @@ fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>,
 }
 
 /// `decodeJwt` without verification: three segments, a JSON header and payload.
-pub fn peek(token: &str) -> Option<Peek> {
+pub(crate) fn peek(token: &str) -> Option<Peek> {
     // Clerk's tokens fit a 4 KB cookie; anything near the default `auth.max_token_bytes` is not
     // worth decoding for a heuristic.
     if token.len() > PEEK_MAX_BYTES {
@@ -122,7 +122,7 @@ fn parse_number(v: &str) -> f64 {
 }
 
 /// A number as JavaScript prints it (integers without a fraction).
-pub fn js_number(n: f64) -> String {
+pub(crate) fn js_number(n: f64) -> String {
     if n.fract() == 0.0 && n.abs() < 1e21 {
         format!("{}", n as i64)
     } else {
@@ -131,7 +131,7 @@ pub fn js_number(n: f64) -> String {
 }
 
 /// Header-safe text for an error code taken from a Backend API answer.
-pub fn is_reason_text(s: &str) -> bool {
+pub(crate) fn is_reason_text(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 100
         && s.bytes()
@@ -184,7 +184,7 @@ fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<Cow<'q, str>> {
 }
 
 /// One request, as the SDK reads it.
-pub struct View<'a> {
+pub(crate) struct View<'a> {
     /// GET, and `Sec-Fetch-Dest: document|iframe` or no `Sec-Fetch-Dest` and an `Accept`
     /// starting `text/html` (`isRequestEligibleForHandshake`).
     pub eligible: bool,
@@ -209,7 +209,7 @@ fn header(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> 
 }
 
 /// `isRequestEligibleForHandshake`: a page load.
-pub fn is_navigation(method: &Method, headers: &HeaderMap) -> bool {
+pub(crate) fn is_navigation(method: &Method, headers: &HeaderMap) -> bool {
     if method != Method::GET {
         return false;
     }
@@ -220,7 +220,7 @@ pub fn is_navigation(method: &Method, headers: &HeaderMap) -> bool {
 }
 
 impl<'a> View<'a> {
-    pub fn new(parts: &'a http::request::Parts, names: &Names, development: bool) -> Self {
+    pub(crate) fn new(parts: &'a http::request::Parts, names: &Names, development: bool) -> Self {
         let h = &parts.headers;
         let jar = Jar::new(h);
         let query = parts.uri.query();
@@ -332,7 +332,7 @@ fn issuer_is_instance(iss: &str, fapi: &str) -> bool {
 
 /// The public URL of the request (`deriveUrlFromHeaders`): `X-Forwarded-Proto`/`-Host`
 /// (first values) only when they are trusted, else the connection's scheme and `Host`.
-pub fn public_url(
+pub(crate) fn public_url(
     parts: &http::request::Parts,
     tls: bool,
     trust_forwarded: bool,
@@ -355,7 +355,7 @@ pub fn public_url(
 
 /// `searchParams.delete(...)` for each name: the query is re-serialised (and dropped when
 /// empty), as URLSearchParams does.
-pub fn remove_query_params(url: &mut url::Url, remove: &[&str]) {
+pub(crate) fn remove_query_params(url: &mut url::Url, remove: &[&str]) {
     if url.query().is_none() {
         return;
     }
@@ -373,7 +373,11 @@ pub fn remove_query_params(url: &mut url::Url, remove: &[&str]) {
 
 /// `isKnownClerkReferrer`: the Frontend API host, the development account portals (non
 /// production), or the instance's accounts portal.
-pub fn is_known_clerk_referrer(referrer: &url::Url, frontend_api: &str, development: bool) -> bool {
+pub(crate) fn is_known_clerk_referrer(
+    referrer: &url::Url,
+    frontend_api: &str,
+    development: bool,
+) -> bool {
     let host = referrer.host_str().unwrap_or("");
     if host == frontend_api {
         return true;
@@ -422,7 +426,7 @@ pub fn is_known_clerk_referrer(referrer: &url::Url, frontend_api: &str, developm
 }
 
 /// Removes the handshake parameters from a path-and-query before it goes upstream.
-pub fn strip_handshake_params(pq: &str) -> Option<String> {
+pub(crate) fn strip_handshake_params(pq: &str) -> Option<String> {
     let (path, query) = pq.split_once('?')?;
     let strip = [
         names::HANDSHAKE,

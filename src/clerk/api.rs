@@ -12,13 +12,15 @@
 //! with jittered backoff): a retried `PATCH`, `DELETE` or `POST` could apply twice.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use super::API_VERSION;
-use crate::config::Secret;
+use crate::body::{BodyError, read_response_capped};
+use crate::secret::Secret;
 use crate::telemetry::{ApiEndpoint, ApiResult, Label, Metrics};
 
 /// Why a call did not return the resource.
@@ -156,7 +158,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// The wait before retry number `retry` (0 for the first retry), "equal jitter": half fixed,
 /// half drawn from `random`, so a fleet of sidecars that failed together does not retry in
 /// lockstep.
-pub fn backoff(retry: u32, random: u32) -> Duration {
+pub(crate) fn backoff(retry: u32, random: u32) -> Duration {
     let cap = BACKOFF_BASE.saturating_mul(1u32 << retry.min(6));
     let half = cap / 2;
     let jitter_ms = half.as_millis() as u64;
@@ -187,42 +189,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
 
 /// Largest Backend API response body read.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// Why a body could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
-    #[error("body larger than the cap")]
-    TooLarge,
-    #[error("body read failed: {0}")]
-    Read(String),
-    #[error("body read timed out")]
-    Timeout,
-}
-
-/// Reads a response body, refusing to hold more than `max` bytes: a hostile or broken endpoint
-/// cannot make us buffer without bound.
-pub async fn read_capped(resp: reqwest::Response, max: usize) -> Result<Vec<u8>, BodyError> {
-    use futures_util::StreamExt;
-    if resp.content_length().is_some_and(|n| n > max as u64) {
-        return Err(BodyError::TooLarge);
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            if e.is_timeout() {
-                BodyError::Timeout
-            } else {
-                BodyError::Read(e.without_url().to_string())
-            }
-        })?;
-        if body.len() + chunk.len() > max {
-            return Err(BodyError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
 
 /// The part of Clerk's Session object clerkgate uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -434,7 +400,7 @@ impl BackendApi {
             self.budget.pause(seconds);
             seconds
         });
-        let body = read_capped(resp, call.max_body_bytes)
+        let body = read_response_capped(resp, call.max_body_bytes)
             .await
             .map_err(|e| match e {
                 BodyError::Timeout => CallError::Timeout,
@@ -457,7 +423,7 @@ impl BackendApi {
 
 /// A Clerk object id as it may appear in a path: `user_…`, `sess_…`; ASCII letters, digits and
 /// `_`, at most 128 bytes. Anything else never reaches a URL.
-pub fn is_id(id: &str) -> bool {
+pub(crate) fn is_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 

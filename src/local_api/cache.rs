@@ -25,11 +25,11 @@ use http::StatusCode;
 use crate::revocations::{ChangeListener, Changed};
 
 /// Epoch counters per cache (8 KiB each).
-pub const STRIPES: usize = 1024;
+pub(crate) const STRIPES: usize = 1024;
 
 /// One cached answer of Clerk's: a 2xx object, or a 404 (kept for the missing TTL only).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cached {
+pub(crate) struct Cached {
     pub status: StatusCode,
     pub body: Bytes,
 }
@@ -52,7 +52,7 @@ impl moka::Expiry<(String, u64), Cached> for Lifetimes {
 }
 
 /// Clerk's answers for one kind of Clerk object, by id and API version.
-pub struct ObjectCache {
+pub(crate) struct ObjectCache {
     entries: moka::future::Cache<(String, u64), Cached>,
     epochs: Box<[AtomicU64]>,
 }
@@ -69,7 +69,7 @@ fn stripe(id: &str) -> usize {
 
 impl ObjectCache {
     /// Entries live `ttl`; 404 entries (see [`Cached`]) at most `missing_ttl`.
-    pub fn new(capacity: u64, ttl: Duration, missing_ttl: Duration) -> Self {
+    pub(crate) fn new(capacity: u64, ttl: Duration, missing_ttl: Duration) -> Self {
         Self {
             entries: moka::future::Cache::builder()
                 .max_capacity(capacity)
@@ -85,7 +85,7 @@ impl ObjectCache {
     /// The cached answer for `id` in API `version`, or the result of `fetch`, which runs at
     /// most once for any number of concurrent callers (they all get its result). Errors are
     /// returned to every waiter and not cached. The flag is `true` when this call ran `fetch`.
-    pub async fn get_or_fetch<F, E>(
+    pub(crate) async fn get_or_fetch<F, E>(
         &self,
         id: &str,
         version: &str,
@@ -111,13 +111,13 @@ impl ObjectCache {
 
     /// Makes every later read of `id` (in every API version) go to Clerk, including reads that
     /// would otherwise have joined a fetch already in flight.
-    pub fn invalidate(&self, id: &str) {
+    pub(crate) fn invalidate(&self, id: &str) {
         self.epochs[stripe(id)].fetch_add(1, Ordering::AcqRel);
     }
 }
 
 /// The user and session caches, told about webhook-reported changes through the session guard.
-pub struct Caches {
+pub(crate) struct Caches {
     pub users: ObjectCache,
     pub sessions: ObjectCache,
 }

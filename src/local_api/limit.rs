@@ -7,7 +7,9 @@
 //! passed on).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// One key's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +36,14 @@ impl Window {
 }
 
 /// `limit` calls per `length` for each key.
-pub struct PerKey {
+pub(crate) struct PerKey {
     limit: u32,
     length: Duration,
     windows: moka::sync::Cache<String, Arc<Mutex<Window>>>,
 }
 
 impl PerKey {
-    pub fn new(limit: u32, length: Duration, max_keys: u64) -> Self {
+    pub(crate) fn new(limit: u32, length: Duration, max_keys: u64) -> Self {
         Self {
             limit,
             length,
@@ -56,7 +58,7 @@ impl PerKey {
     }
 
     /// Takes one call for `key` at `now`; `Err` carries whole seconds to wait (at least 1).
-    pub fn take(&self, key: &str, now: Instant) -> Result<(), u64> {
+    pub(crate) fn take(&self, key: &str, now: Instant) -> Result<(), u64> {
         let window = self.windows.get_with_by_ref(key, || {
             Arc::new(Mutex::new(Window {
                 start: now,

@@ -14,12 +14,12 @@ use serde_json::{Value, json};
 
 use crate::auth::AuthError;
 use crate::clerk::api::{Answer, CallError};
-use crate::rejection::Rejection;
+use crate::proxy::rejection::Rejection;
 use crate::telemetry::{Label, LocalApiResult};
 
 /// Who asked the caller to slow down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Throttle {
+pub(crate) enum Throttle {
     /// Clerk answered 429 earlier and its `Retry-After` is still running.
     ClerkRetryAfter,
     /// clerkgate's client-side budget for the instance is spent for this window.
@@ -30,7 +30,7 @@ pub enum Throttle {
 
 /// Why clerkgate itself answered instead of passing Clerk's answer on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LocalError {
+pub(crate) enum LocalError {
     Unauthorized,
     RouteNotFound,
     MethodNotAllowed {
@@ -201,7 +201,7 @@ impl From<CallError> for LocalError {
 }
 
 /// A response and the metric label it is counted under.
-pub struct Reply {
+pub(crate) struct Reply {
     pub response: Response<Full<Bytes>>,
     pub result: LocalApiResult,
 }
@@ -214,22 +214,11 @@ fn errors_body(code: &str, message: &str, long_message: &str) -> Bytes {
 }
 
 fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let json = !body.is_empty();
-    let mut r = Response::new(Full::new(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if json {
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    crate::body::json(status, body)
 }
 
 /// `true` for Clerk's error shape: an object with a non-empty `errors` array.
-pub fn clerk_shaped(body: &[u8]) -> bool {
+pub(crate) fn clerk_shaped(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body).is_ok_and(|v| {
         v.get("errors")
             .and_then(Value::as_array)
@@ -238,7 +227,7 @@ pub fn clerk_shaped(body: &[u8]) -> bool {
 }
 
 impl Reply {
-    pub fn error(e: LocalError) -> Reply {
+    pub(crate) fn error(e: LocalError) -> Reply {
         let d = e.describe();
         let mut response = respond(d.status, errors_body(d.code, d.message, d.long_message));
         let h = response.headers_mut();
@@ -280,7 +269,7 @@ impl Reply {
     }
 
     /// A successful answer of clerkgate's own (tokens/verify).
-    pub fn ok_json(body: &Value) -> Reply {
+    pub(crate) fn ok_json(body: &Value) -> Reply {
         Reply {
             response: respond(StatusCode::OK, Bytes::from(body.to_string())),
             result: LocalApiResult::Ok,
@@ -288,7 +277,7 @@ impl Reply {
     }
 
     /// A 2xx body from Clerk (possibly from the cache), passed on unchanged.
-    pub fn clerk_ok(status: StatusCode, body: Bytes) -> Reply {
+    pub(crate) fn clerk_ok(status: StatusCode, body: Bytes) -> Reply {
         Reply {
             response: respond(status, body),
             result: LocalApiResult::Ok,
@@ -300,7 +289,7 @@ impl Reply {
     /// other error answer came from something between clerkgate and Clerk: its 4xx status is
     /// kept, a 5xx other than 503/504 becomes 502 (clerkgate is the gateway), and the body is
     /// `clerkgate_upstream_error`. A 429's `Retry-After` is passed on unchanged.
-    pub fn clerk(answer: &Answer) -> Reply {
+    pub(crate) fn clerk(answer: &Answer) -> Reply {
         let s = answer.status;
         if s.is_success() {
             return Self::clerk_ok(s, answer.body.clone());
@@ -339,7 +328,7 @@ impl Reply {
     /// A token `POST /v1/tokens/verify` did not accept: the status the proxy would answer
     /// (401, or 503 when keys or session state are unavailable) and Clerk's reason code.
     /// A verified token the request may not use (`403`, the route reason code).
-    pub fn policy_rejected(e: crate::auth::policy::PolicyError) -> Reply {
+    pub(crate) fn policy_rejected(e: crate::auth::policy::PolicyError) -> Reply {
         let message = e.to_string();
         let body = errors_body(
             e.as_label(),
@@ -352,7 +341,7 @@ impl Reply {
         }
     }
 
-    pub fn token_rejected(e: AuthError) -> Reply {
+    pub(crate) fn token_rejected(e: AuthError) -> Reply {
         let status = Rejection::Auth(e).status();
         let message = e.to_string();
         let body = errors_body(

@@ -13,7 +13,7 @@ use crate::telemetry::LocalApiRoute;
 
 /// A matched route and the id it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route<'a> {
+pub(crate) enum Route<'a> {
     UsersGet(&'a str),
     UsersList,
     UsersCount,
@@ -39,7 +39,7 @@ pub enum Route<'a> {
 
 /// Why no route matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     NotFound,
     /// The path exists; `allow` lists its methods (RFC 9110 section 15.5.6).
     MethodNotAllowed {
@@ -50,7 +50,7 @@ pub enum RouteError {
 }
 
 impl Route<'_> {
-    pub fn label(self) -> LocalApiRoute {
+    pub(crate) fn label(self) -> LocalApiRoute {
         match self {
             Self::UsersGet(_) => LocalApiRoute::UsersGet,
             Self::UsersList => LocalApiRoute::UsersList,
@@ -92,7 +92,7 @@ fn is_template(name: &str) -> bool {
 }
 
 /// Matches `method` and `path` (without the query).
-pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, RouteError> {
+pub(crate) fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, RouteError> {
     let Some(rest) = path.strip_prefix("/v1/") else {
         return Err(RouteError::NotFound);
     };

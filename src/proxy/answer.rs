@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// The header Envoy's `ext_authz` HTTP client reads: a comma-separated list of request header
 /// names to remove before the request goes upstream.
-pub static HEADERS_TO_REMOVE: HeaderName =
+pub(super) static HEADERS_TO_REMOVE: HeaderName =
     HeaderName::from_static("x-envoy-auth-headers-to-remove");
 
 /// Up to this many managed names the per-combination values are cached (2^12 slots of a
@@ -29,7 +29,7 @@ pub static HEADERS_TO_REMOVE: HeaderName =
 const MAX_CACHED_BITS: usize = 12;
 
 /// The removal lists, built once from the reserved names.
-pub struct RemoveList {
+pub(super) struct RemoveList {
     /// The managed names, lower-case: reserved identity names, `authorization`, `cookie`.
     names: Vec<HeaderName>,
     /// Index: bit `i` set when `names[i]` is to be removed.
@@ -40,7 +40,7 @@ impl RemoveList {
     /// `reserved` is [`crate::auth::identity::IdentityBuilder::reserved`] (lower-case, `_`
     /// folded into `-`). With `forward_token` the token headers are the app's: never listed
     /// (the answer still carries them, for ingresses that set them from it).
-    pub fn new(reserved: &[String], forward_token: bool) -> Self {
+    pub(super) fn new(reserved: &[String], forward_token: bool) -> Self {
         let mut names: Vec<HeaderName> = reserved
             .iter()
             .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
@@ -62,13 +62,13 @@ impl RemoveList {
 
     /// Whether `name` (lower-case, as `http` keeps it) is managed: the answer either carries
     /// it or lists it.
-    pub fn manages(&self, name: &HeaderName) -> bool {
+    pub(super) fn manages(&self, name: &HeaderName) -> bool {
         self.names.contains(name)
     }
 
     /// The value for an answer whose headers are `answer`: every managed name it does not
     /// carry, then `extra` (client-sent reserved spellings the ingress cannot know of).
-    pub fn value(&self, answer: &HeaderMap, extra: &[HeaderName]) -> HeaderValue {
+    pub(super) fn value(&self, answer: &HeaderMap, extra: &[HeaderName]) -> HeaderValue {
         if !extra.is_empty() || self.cache.is_empty() {
             return self.build(answer, extra);
         }
@@ -99,7 +99,7 @@ impl RemoveList {
 }
 
 /// The request's cookies as one value (HTTP/2 clients may send several `cookie` fields).
-pub fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(super) fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
     let mut values = headers.get_all(header::COOKIE).iter();
     let first = values.next()?;
     let Some(second) = values.next() else {

@@ -6,13 +6,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 
+use super::rejection::Rejection;
 use super::{Proxy, ProxyBody};
 use crate::auth::AuthError;
 use crate::auth::gate::{Allowed, Decision};
 use crate::auth::policy::{AuthMode, RouteMatch};
 use crate::browser::cors::{self, Cors, PreflightMode};
 use crate::browser::{self, Verdict, sdk};
-use crate::rejection::Rejection;
 use crate::telemetry::Outcome;
 
 /// What browser mode adds to the answer of a request that goes on.

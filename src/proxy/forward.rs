@@ -20,10 +20,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use super::pool::{Lease, PoolError};
 use crate::telemetry::{Metrics, UpstreamErrorKind};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
-
 /// Builds the pooled client for request bodies of type `B`. Fails only when the platform's TLS roots cannot be loaded.
-pub fn client<B>(
+pub(crate) fn client<B>(
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
@@ -45,7 +43,7 @@ where
 
 /// The connector for an upstream: TCP (no Nagle, keep-alive probes, connect timeout), TLS for
 /// https with the platform's roots or only `ca_file`'s. Fails only when roots cannot be loaded.
-pub fn connector(
+pub(crate) fn connector(
     connect_timeout: Duration,
     ca_file: Option<&str>,
 ) -> std::io::Result<HttpsConnector<HttpConnector>> {
@@ -54,7 +52,7 @@ pub fn connector(
 
 /// The application protocols offered to an https upstream by ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alpn {
+pub(crate) enum Alpn {
     /// `http/1.1` only.
     Http1,
     /// `h2` only.
@@ -64,7 +62,7 @@ pub enum Alpn {
 }
 
 /// [`connector`], offering `alpn` to https upstreams.
-pub fn connector_for(
+pub(crate) fn connector_for(
     connect_timeout: Duration,
     ca_file: Option<&str>,
     alpn: Alpn,
@@ -184,7 +182,7 @@ impl Body for UpstreamBody {
 
 /// Whether the exchange failed because the client's own request body failed (invalid chunked
 /// framing, a body shorter than its Content-Length): the client's fault, not the upstream's.
-pub fn is_client_body_error(e: &PoolError) -> bool {
+pub(crate) fn is_client_body_error(e: &PoolError) -> bool {
     matches!(e, PoolError::ClientBody(_)) || e.chain().any(is_failing_request_body)
 }
 
@@ -198,7 +196,7 @@ fn is_failing_request_body(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Sorts an exchange error into a closed kind.
-pub fn classify(e: &PoolError) -> UpstreamErrorKind {
+pub(crate) fn classify(e: &PoolError) -> UpstreamErrorKind {
     match e {
         PoolError::Connect(_) if e.chain().any(is_timeout) => UpstreamErrorKind::Timeout,
         PoolError::Connect(_) => UpstreamErrorKind::Connect,

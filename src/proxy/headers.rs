@@ -1,6 +1,6 @@
 //! Request and response header rewriting.
 //!
-//! Order matters and is fixed by the caller ([`crate::proxy::Proxy`]): reserved identity headers
+//! Order matters and is fixed by the caller (the proxy): reserved identity headers
 //! are removed from every request first, public routes included (linkerd's
 //! `set_identity_header.rs` does the same), and the verified ones are inserted afterwards, so no
 //! client-chosen value can survive next to a verified one.

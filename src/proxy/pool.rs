@@ -21,10 +21,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
@@ -38,7 +39,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an upstream exchange failed.
 #[derive(Debug)]
-pub enum PoolError {
+pub(crate) enum PoolError {
     /// No connection: refused, unreachable, timed out, or the TLS or HTTP handshake failed.
     Connect(BoxError),
     /// The exchange on an established connection failed.
@@ -60,7 +61,7 @@ impl std::fmt::Display for PoolError {
 
 impl PoolError {
     /// Errors in this error's source chain, itself first.
-    pub fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    pub(crate) fn chain(&self) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
         let first: &(dyn std::error::Error + 'static) = match self {
             PoolError::Connect(e) => e.as_ref(),
             PoolError::Send(e) | PoolError::ClientBody(e) => e,
@@ -71,7 +72,7 @@ impl PoolError {
 
 /// The client's request body on its way upstream, noting when it has been read to its end.
 /// A request without a body (most of them) needs no note and allocates nothing.
-pub struct RequestBody {
+pub(super) struct RequestBody {
     inner: Incoming,
     done: Option<Arc<AtomicBool>>,
 }
@@ -137,7 +138,7 @@ struct Idle {
 }
 
 /// Keep-alive connections to the one configured upstream.
-pub struct UpstreamPool {
+pub(super) struct UpstreamPool {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`, what the connector dials.
     target: Uri,
@@ -192,7 +193,7 @@ impl Lease {
 }
 
 impl UpstreamPool {
-    pub fn new(
+    pub(super) fn new(
         connector: HttpsConnector<HttpConnector>,
         scheme: &http::uri::Scheme,
         authority: &http::uri::Authority,
@@ -300,7 +301,7 @@ impl UpstreamPool {
 
     /// Sends `req` (absolute URI of the upstream) and returns the response head with the lease
     /// of its connection.
-    pub async fn request(
+    pub(super) async fn request(
         self: &Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {

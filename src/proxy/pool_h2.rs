@@ -33,10 +33,10 @@ use tower_service::Service;
 
 use super::forward::Alpn;
 use super::pool::{Lease, PoolError, UpstreamPool};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Upstream connections a pool multiplexes its streams over.
-pub const CONNECTIONS: usize = 2;
+pub(super) const CONNECTIONS: usize = 2;
 
 /// `proxy.upstream_protocol`: what clerkgate speaks to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -60,7 +60,7 @@ type Sender = http2::SendRequest<ClientBody>;
 /// the upstream's fault. The error itself goes on to hyper, which resets the stream (the
 /// upstream never takes a cut-off body for a whole one). A request without a body has nothing
 /// to fail and allocates nothing.
-pub struct ClientBody {
+pub(super) struct ClientBody {
     inner: Incoming,
     failed: Option<Arc<AtomicBool>>,
 }
@@ -111,7 +111,7 @@ struct Slot {
 }
 
 /// HTTP/2 connections to the one configured upstream.
-pub struct H2Pool {
+pub(super) struct H2Pool {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority/`, what the connector dials.
     target: Uri,
@@ -125,7 +125,7 @@ pub struct H2Pool {
 }
 
 impl H2Pool {
-    pub fn new(
+    pub(super) fn new(
         connector: HttpsConnector<HttpConnector>,
         scheme: &http::uri::Scheme,
         authority: &http::uri::Authority,
@@ -278,7 +278,7 @@ const SPEAKS_H2: u8 = 1;
 const SPEAKS_HTTP1: u8 = 2;
 
 /// The upstream client for the configured protocol.
-pub enum Client {
+pub(super) enum Client {
     Http1(Arc<UpstreamPool>),
     H2(H2Pool),
     /// HTTP/2 if the https upstream agrees by ALPN, decided by the first connection and kept.
@@ -291,21 +291,17 @@ pub enum Client {
 
 impl Client {
     /// Builds the client for `[proxy]`: connectors with the ALPN offers each pool needs.
-    pub fn new(p: &super::Config, base: &super::UpstreamBase) -> Result<Self, ConfigError> {
+    pub(super) fn new(p: &super::Config, base: &super::UpstreamBase) -> Result<Self, ConfigError> {
         let connector = |alpn| {
-            super::forward::connector_for(
-                Duration::from_secs(p.connect_timeout_seconds),
-                p.upstream_ca_path.as_deref(),
-                alpn,
-            )
-            .map_err(|e| {
-                let key = if p.upstream_ca_path.is_some() {
-                    "proxy.upstream_ca_path"
-                } else {
-                    "proxy.upstream"
-                };
-                ConfigError::new(key, format!("TLS roots unavailable: {e}"))
-            })
+            super::forward::connector_for(p.connect_timeout(), p.upstream_ca_path.as_deref(), alpn)
+                .map_err(|e| {
+                    let key = if p.upstream_ca_path.is_some() {
+                        "proxy.upstream_ca_path"
+                    } else {
+                        "proxy.upstream"
+                    };
+                    ConfigError::new(key, format!("TLS roots unavailable: {e}"))
+                })
         };
         let (scheme, authority) = (&base.scheme, &base.authority);
         let https = scheme == &http::uri::Scheme::HTTPS;
@@ -317,7 +313,7 @@ impl Client {
                 scheme,
                 authority,
                 p.pool_max_idle,
-                Duration::from_secs(p.pool_idle_timeout_seconds),
+                p.pool_idle_timeout(),
             )
             .map_err(bad_uri)
         };
@@ -338,7 +334,7 @@ impl Client {
 
     /// Whether a WebSocket handshake can be forwarded: only over HTTP/1.1 (clerkgate does not
     /// use RFC 8441's extended CONNECT).
-    pub fn upgrades(&self) -> bool {
+    pub(super) fn upgrades(&self) -> bool {
         match self {
             Self::Http1(_) => true,
             Self::H2(_) => false,
@@ -347,7 +343,7 @@ impl Client {
     }
 
     /// Whether requests go out as HTTP/2 (which keeps `te: trailers`).
-    pub fn speaks_h2(&self) -> bool {
+    pub(super) fn speaks_h2(&self) -> bool {
         match self {
             Self::Http1(_) => false,
             Self::H2(_) => true,
@@ -357,7 +353,7 @@ impl Client {
 
     /// Sends `req` (absolute URI of the upstream) and returns the response head with the lease
     /// of its connection (an HTTP/2 stream holds no connection: its lease is empty).
-    pub async fn request(
+    pub(super) async fn request(
         &self,
         req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {

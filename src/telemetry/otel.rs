@@ -37,10 +37,11 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::Layer;
 
-use crate::config::{ConfigError, Secret};
+use crate::config::error::ConfigError;
+use crate::secret::Secret;
 
 /// The target of every span exported; nothing else is.
-pub const TARGET: &str = "clerkgate::otel";
+pub(crate) const TARGET: &str = "clerkgate::otel";
 
 /// Set once the exporter started (and never again in tests that run the library in-process
 /// without one, so their request path stays span-free).
@@ -48,7 +49,7 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported. The one check on the request path when tracing is off.
 #[inline]
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
@@ -140,10 +141,10 @@ impl Config {
 }
 
 /// The log subscriber's extra layer: the OpenTelemetry bridge, seeing only [`TARGET`] spans.
-pub type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync + 'static>;
+pub(crate) type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync + 'static>;
 
 /// The running export pipeline.
-pub struct Exporter {
+pub(crate) struct Exporter {
     provider: SdkTracerProvider,
     timeout: Duration,
 }
@@ -152,7 +153,7 @@ impl Exporter {
     /// Builds the exporter and the layer to install with the log subscriber, or `None` when
     /// `otlp_endpoint` is empty. Runs inside the tokio runtime: the batch processor is a task on
     /// it.
-    pub fn start(config: &Config) -> Result<Option<(Exporter, BoxedLayer)>, ConfigError> {
+    pub(crate) fn start(config: &Config) -> Result<Option<(Exporter, BoxedLayer)>, ConfigError> {
         let Some(url) = config.traces_url()? else {
             return Ok(None);
         };
@@ -216,7 +217,7 @@ impl Exporter {
 
     /// Stops creating spans and flushes what is queued, waiting at most `timeout_ms`. Call after
     /// the drain, when the last requests' spans have ended.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         ENABLED.store(false, Ordering::Relaxed);
         let provider = self.provider;
         // `shutdown` blocks until the batch task (on this runtime) has exported: off the
@@ -235,7 +236,7 @@ impl Exporter {
 }
 
 /// The log layer's filter addition: every span of [`TARGET`] is the exporter's alone.
-pub fn not_exported(meta: &tracing::Metadata<'_>) -> bool {
+pub(crate) fn not_exported(meta: &tracing::Metadata<'_>) -> bool {
     meta.target() != TARGET
 }
 
@@ -283,7 +284,7 @@ fn method_name(method: &http::Method) -> &'static str {
 
 /// The server span of one request (only when [`enabled`]), a child of the client's
 /// `traceparent` when it sent a valid one.
-pub fn request_span<B>(req: &http::Request<B>) -> Span {
+pub(crate) fn request_span<B>(req: &http::Request<B>) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -308,7 +309,7 @@ pub fn request_span<B>(req: &http::Request<B>) -> Span {
 
 /// Closes the request span's attributes with the response (a 5xx is an error, per the HTTP
 /// semantic conventions for servers).
-pub fn record_response(span: &Span, status: http::StatusCode, request_id: Option<&str>) {
+pub(crate) fn record_response(span: &Span, status: http::StatusCode, request_id: Option<&str>) {
     span.record("http.response.status_code", status.as_u16());
     if let Some(id) = request_id {
         span.record("clerkgate.request_id", id);
@@ -320,7 +321,7 @@ pub fn record_response(span: &Span, status: http::StatusCode, request_id: Option
 
 /// Records how the current request ended (its `clerkgate_requests_total` outcome and the
 /// refusal's reason code) on the request span. A no-op when off.
-pub fn record_outcome(outcome: &'static str, reason: Option<&'static str>) {
+pub(crate) fn record_outcome(outcome: &'static str, reason: Option<&'static str>) {
     if !enabled() {
         return;
     }
@@ -332,7 +333,7 @@ pub fn record_outcome(outcome: &'static str, reason: Option<&'static str>) {
 }
 
 /// A token verification that missed the cache (signature, claims, maybe a key refetch).
-pub fn verify_span() -> Span {
+pub(crate) fn verify_span() -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -347,7 +348,7 @@ pub fn verify_span() -> Span {
 
 /// A JWKS fetch (start-up, background refresh, or an unknown-kid refetch inside a
 /// verification).
-pub fn jwks_fetch_span() -> Span {
+pub(crate) fn jwks_fetch_span() -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -362,7 +363,7 @@ pub fn jwks_fetch_span() -> Span {
 }
 
 /// One Backend API attempt, named by its endpoint label (never its URL: ids are in it).
-pub fn backend_api_span(endpoint: &'static str, method: &http::Method) -> Span {
+pub(crate) fn backend_api_span(endpoint: &'static str, method: &http::Method) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -380,7 +381,7 @@ pub fn backend_api_span(endpoint: &'static str, method: &http::Method) -> Span {
 }
 
 /// Records a Backend API attempt's status (when one came back) and result label.
-pub fn record_backend_api(span: &Span, status: Option<u16>, result: &'static str) {
+pub(crate) fn record_backend_api(span: &Span, status: Option<u16>, result: &'static str) {
     if let Some(status) = status {
         span.record("http.response.status_code", status);
     }
@@ -389,7 +390,7 @@ pub fn record_backend_api(span: &Span, status: Option<u16>, result: &'static str
 
 /// The upstream call, a child of the current (request) span. Its context replaces the
 /// request's `traceparent`, so the backend's spans hang below it.
-pub fn upstream_span<B>(req: &mut http::Request<B>) -> Span {
+pub(crate) fn upstream_span<B>(req: &mut http::Request<B>) -> Span {
     if !enabled() {
         return Span::none();
     }
@@ -410,7 +411,7 @@ pub fn upstream_span<B>(req: &mut http::Request<B>) -> Span {
 }
 
 /// Records the upstream's response status on its span.
-pub fn record_status(span: &Span, status: http::StatusCode) {
+pub(crate) fn record_status(span: &Span, status: http::StatusCode) {
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
         span.record("otel.status_code", "error");
@@ -418,7 +419,7 @@ pub fn record_status(span: &Span, status: http::StatusCode) {
 }
 
 /// Marks a span failed with a closed error label.
-pub fn record_error(span: &Span, error: &'static str) {
+pub(crate) fn record_error(span: &Span, error: &'static str) {
     span.record("error.type", error);
     span.record("otel.status_code", "error");
 }

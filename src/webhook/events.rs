@@ -21,7 +21,7 @@ use crate::telemetry::{Label, WebhookEventType};
 
 /// A parsed event: its type and the fields clerkgate acts on.
 #[derive(Debug, Clone)]
-pub struct Event {
+pub(super) struct Event {
     pub kind: WebhookEventType,
     /// The type as Clerk sent it (forwarded in a header).
     pub type_name: String,
@@ -56,7 +56,7 @@ impl WebhookEventType {
 
 /// Why a verified payload is unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PayloadError {
+pub(super) enum PayloadError {
     #[error("payload is not UTF-8 JSON with a string `type`")]
     NotAnEvent,
     #[error("event lacks `data.id`")]
@@ -72,13 +72,13 @@ struct Envelope {
 }
 
 /// The event type alone (for counting duplicates without a full parse).
-pub fn event_type(body: &[u8]) -> Option<WebhookEventType> {
+pub(super) fn event_type(body: &[u8]) -> Option<WebhookEventType> {
     serde_json::from_slice::<Envelope>(body)
         .ok()
         .map(|e| WebhookEventType::from_name(&e.type_name))
 }
 
-pub fn parse(body: &[u8]) -> Result<Event, PayloadError> {
+pub(super) fn parse(body: &[u8]) -> Result<Event, PayloadError> {
     // Svix's own libraries require UTF-8; so do we.
     let text = std::str::from_utf8(body).map_err(|_| PayloadError::NotAnEvent)?;
     let envelope: Envelope = serde_json::from_str(text).map_err(|_| PayloadError::NotAnEvent)?;
@@ -106,7 +106,7 @@ pub fn parse(body: &[u8]) -> Result<Event, PayloadError> {
 }
 
 /// Applies an event to session state; `now_ms` is the verified delivery time.
-pub async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
+pub(super) async fn apply(event: &Event, sessions: &Guard, now_ms: u64) {
     let Some(id) = event.id.as_deref() else {
         return;
     };

@@ -6,6 +6,10 @@
 //! mutate the process environment (children get explicit environments, sidecars explicit
 //! configs), since every test shares this process.
 
+// A test binary is not an API: its modules share helpers with `pub`, which the crate-wide
+// `unreachable_pub` lint (Cargo.toml `[lints]`) would otherwise ask to narrow.
+#![allow(unreachable_pub)]
+
 mod browser;
 mod cli;
 mod faults;

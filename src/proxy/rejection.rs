@@ -9,15 +9,15 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
+use super::ForwardAuthUriError;
+use super::path::PathError;
 use crate::auth::AuthError;
 use crate::auth::policy::PolicyError;
-use crate::proxy::ForwardAuthUriError;
-use crate::proxy::path::PathError;
 use crate::telemetry::{Outcome, UpstreamErrorKind};
 
 /// Why a request was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     Auth(AuthError),
     Policy(PolicyError),
     Path(PathError),
@@ -30,8 +30,6 @@ pub enum Rejection {
     DuplicateHost,
     /// The client's request body broke its own framing (an invalid chunk, a short body).
     ClientBody,
-    /// The proxy is shutting down and cannot start this request.
-    Draining,
     /// `Host` names another host than the request target's authority (HTTP/2 `:authority`,
     /// HTTP/1.1 absolute form).
     AuthorityMismatch,
@@ -50,7 +48,7 @@ impl From<crate::auth::gate::Refusal> for Rejection {
 }
 
 impl Rejection {
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             Self::Auth(e) => match e {
                 AuthError::KeysUnavailable
@@ -91,12 +89,11 @@ impl Rejection {
                 | UpstreamErrorKind::Protocol
                 | UpstreamErrorKind::Upgrade => StatusCode::BAD_GATEWAY,
             },
-            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     /// The reason code sent to the client.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         use crate::telemetry::Label;
         match self {
             Self::Auth(e) => e.failure().as_label(),
@@ -115,14 +112,12 @@ impl Rejection {
             Self::ClientBody => "bad-request-body",
             Self::AuthorityMismatch => "host-authority-mismatch",
             Self::MethodNotAllowed => "method-not-allowed",
-            Self::Draining => "shutting-down",
         }
     }
 
-    pub fn outcome(self) -> Outcome {
+    pub(crate) fn outcome(self) -> Outcome {
         match self {
             Self::Auth(e) if e.is_outage() => Outcome::Unavailable,
-            Self::Draining => Outcome::Unavailable,
             Self::Auth(_) => Outcome::Unauthorized,
             Self::Policy(_) => Outcome::Forbidden,
             Self::Path(_)
@@ -150,7 +145,7 @@ impl Rejection {
 
     /// The response for a client. 401s carry `WWW-Authenticate` per RFC 6750 section 3: without
     /// an error code when no token was sent (3.1), `invalid_token` otherwise.
-    pub fn response(self) -> Response<Full<Bytes>> {
+    pub(crate) fn response(self) -> Response<Full<Bytes>> {
         let body = match self {
             // Clerk's own body, which clerk-js `useReverification()` recognises to prompt the
             // user and retry.
@@ -161,14 +156,8 @@ impl Rejection {
                 self.reason()
             ),
         };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = self.status();
+        let mut resp = crate::body::json(self.status(), body);
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match self {
             Self::Auth(AuthError::Missing) => {
                 h.insert(
@@ -177,9 +166,6 @@ impl Rejection {
                 );
             }
             Self::Auth(e) if e.is_outage() => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            }
-            Self::Draining => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::Auth(_) => {
@@ -217,7 +203,7 @@ impl Rejection {
 /// The content type of a gRPC call (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web`...), whose client reads the outcome from `grpc-status`, not from the
 /// HTTP status; `None` for any other request.
-pub fn grpc_content_type(headers: &http::HeaderMap) -> Option<&HeaderValue> {
+pub(crate) fn grpc_content_type(headers: &http::HeaderMap) -> Option<&HeaderValue> {
     headers
         .get(header::CONTENT_TYPE)
         .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -225,7 +211,7 @@ pub fn grpc_content_type(headers: &http::HeaderMap) -> Option<&HeaderValue> {
 
 impl Rejection {
     /// The gRPC status code for this refusal (gRPC's `doc/statuscodes.md` and its HTTP mapping).
-    pub fn grpc_status(self) -> &'static str {
+    pub(crate) fn grpc_status(self) -> &'static str {
         match self.status() {
             StatusCode::BAD_REQUEST => "3",         // INVALID_ARGUMENT
             StatusCode::UNAUTHORIZED => "16",       // UNAUTHENTICATED
@@ -240,7 +226,7 @@ impl Rejection {
     /// The refusal of a gRPC call: a trailers-only response (HTTP 200, the call's own
     /// `content-type`, `grpc-status` and the reason code in `grpc-message`, no body), with the
     /// HTTP answer's `www-authenticate` and `retry-after`.
-    pub fn grpc_response(self, content_type: HeaderValue) -> Response<Full<Bytes>> {
+    pub(crate) fn grpc_response(self, content_type: HeaderValue) -> Response<Full<Bytes>> {
         let mut resp = self.response();
         *resp.status_mut() = StatusCode::OK;
         *resp.body_mut() = Full::new(Bytes::new());
@@ -294,7 +280,6 @@ mod tests {
             (Rejection::Auth(AuthError::Expired), "16"),
             (Rejection::Policy(PolicyError::OrgRole), "7"),
             (Rejection::Auth(AuthError::KeysUnavailable), "14"),
-            (Rejection::Draining, "14"),
             (Rejection::SpoofedHeader, "3"),
             (Rejection::Upstream(UpstreamErrorKind::Connect), "14"),
             (Rejection::Upstream(UpstreamErrorKind::Timeout), "4"),
