@@ -233,6 +233,21 @@ impl App {
             ))),
             _ => None,
         };
+        let proxy = Arc::new(
+            Proxy::new(
+                crate::proxy::Sections {
+                    proxy: &config.proxy,
+                    auth: &config.auth,
+                    headers: &config.headers,
+                    routes: &config.routes,
+                    log: &config.log,
+                },
+                gate,
+                metrics.clone(),
+            )?
+            .with_browser(browser),
+        );
+        // Verified events go upstream through the proxy's own upstream client.
         let forwarder = match &config.webhooks.forward_path {
             Some(path) => Some(Forwarder::new(
                 config
@@ -240,11 +255,9 @@ impl App {
                     .upstream_base()?
                     .uri(path, None)
                     .map_err(|e| ConfigError::new("webhooks.forward_path", e.to_string()))?,
-                config.proxy.connect_timeout(),
-                config.proxy.pool_idle_timeout(),
+                proxy.upstream(),
                 config.proxy.upstream_timeout(),
-                config.proxy.upstream_ca_path.as_deref(),
-            )?),
+            )),
             None => None,
         };
         let ledger = ledger.unwrap_or_else(|| {
@@ -260,20 +273,6 @@ impl App {
             sessions.clone(),
             metrics.clone(),
         )?);
-        let proxy = Arc::new(
-            Proxy::new(
-                crate::proxy::Sections {
-                    proxy: &config.proxy,
-                    auth: &config.auth,
-                    headers: &config.headers,
-                    routes: &config.routes,
-                    log: &config.log,
-                },
-                gate,
-                metrics.clone(),
-            )?
-            .with_browser(browser),
-        );
         let router = Arc::new(Router::new(
             proxy,
             webhooks,

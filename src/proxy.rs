@@ -36,6 +36,7 @@ use crate::config::error::ConfigError;
 use crate::server::ConnInfo;
 use crate::telemetry::{Metrics, Outcome, UpstreamErrorKind};
 use path::EncodedSlashes;
+use pool::Outgoing;
 use rejection::Rejection;
 
 /// The response body: the upstream's, streamed, or one of ours.
@@ -315,7 +316,7 @@ pub struct Proxy {
     spoof: SpoofPolicy,
     forward_token: bool,
     upstream: UpstreamBase,
-    client: pool_h2::Client,
+    client: Arc<pool_h2::Client>,
     upstream_timeout: Duration,
     forward_auth_path: Option<String>,
     forward_auth_uri_source: UriSource,
@@ -364,7 +365,7 @@ impl Proxy {
             log,
         } = sections;
         let upstream = p.upstream_base()?;
-        let client = pool_h2::Client::new(p, &upstream)?;
+        let client = Arc::new(pool_h2::Client::new(p, &upstream)?);
         Ok(Self {
             reserved: gate.builder().reserved().to_vec(),
             strip_request: headers
@@ -394,6 +395,11 @@ impl Proxy {
             metrics,
             browser: None,
         })
+    }
+
+    /// The upstream client this proxy sends through, for the webhook forwarder.
+    pub fn upstream(&self) -> Upstream {
+        Upstream(self.client.clone())
     }
 
     /// Turns on browser mode ([`crate::browser`]).
@@ -580,7 +586,10 @@ impl Proxy {
         // `Span::none()` unless traces are exported; then it also sets `traceparent`.
         let span = crate::telemetry::otel::upstream_span(&mut req);
         let sent = Instant::now();
-        let call = tracing::Instrument::instrument(self.client.request(req), span.clone());
+        let call = tracing::Instrument::instrument(
+            self.client.request(req.map(Outgoing::from)),
+            span.clone(),
+        );
         let resp = match tokio::time::timeout(self.upstream_timeout, call).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if forward::is_client_body_error(&e) => {
@@ -649,6 +658,36 @@ impl Proxy {
             resp.map(|body| Either::Left(forward::UpstreamBody::new(body, errors, lease))),
             outcome,
         )
+    }
+}
+
+/// The crate's one upstream HTTP client (pooled, in the protocol `proxy.upstream_protocol`
+/// chose): the proxy streams clients' requests through it and the webhook forwarder sends
+/// verified events through it.
+#[derive(Clone)]
+pub struct Upstream(Arc<pool_h2::Client>);
+
+/// How much of an answer to a request sent whole is read (then the connection is retired).
+const WHOLE_ANSWER_BYTES: usize = 64 * 1024;
+
+impl Upstream {
+    /// Sends `req` (an absolute URI under `proxy.upstream`), a body held whole, and reads the
+    /// answer's body so that its connection can serve again: the answer's status, or why
+    /// there was none. An answer body past 64 KiB is not read: its connection is retired.
+    pub(crate) async fn send_whole(&self, req: Request<Bytes>) -> Result<StatusCode, String> {
+        let (resp, lease) = self
+            .0
+            .request(req.map(Outgoing::from))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        if crate::body::read_capped(body, WHOLE_ANSWER_BYTES)
+            .await
+            .is_ok()
+        {
+            lease.release();
+        }
+        Ok(parts.status)
     }
 }
 

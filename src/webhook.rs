@@ -18,12 +18,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Body, Incoming};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::body::BodyError;
 use crate::config::error::ConfigError;
+use crate::proxy::Upstream;
 use crate::revocations::Guard;
 use crate::secret::Secret;
 use crate::telemetry::{Metrics, WebhookEventType, WebhookResult};
@@ -99,9 +98,9 @@ impl Config {
     }
 }
 
-/// Sends verified events to the upstream.
+/// Sends verified events to the upstream, through the proxy's own upstream client.
 pub struct Forwarder {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    upstream: Upstream,
     uri: http::Uri,
     timeout: Duration,
 }
@@ -146,23 +145,13 @@ pub fn retention(config: &Config) -> Duration {
 
 impl Forwarder {
     /// Sends verified events to `uri` on the upstream (`webhooks.forward_path` under
-    /// `proxy.upstream`), with the proxy's timeouts.
-    pub fn new(
-        uri: http::Uri,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        timeout: Duration,
-        ca_path: Option<&str>,
-    ) -> Result<Self, ConfigError> {
-        let client = crate::proxy::forward::client(connect_timeout, idle_timeout, 4, ca_path)
-            .map_err(|e| {
-                ConfigError::new("proxy.upstream", format!("TLS roots unavailable: {e}"))
-            })?;
-        Ok(Self {
-            client,
+    /// `proxy.upstream`) through `upstream`, waiting at most `timeout` (`proxy.upstream_timeout`).
+    pub fn new(uri: http::Uri, upstream: Upstream, timeout: Duration) -> Self {
+        Self {
+            upstream,
             uri,
             timeout,
-        })
+        }
     }
 }
 
@@ -386,7 +375,7 @@ impl Drop for Claim<'_> {
 
 impl Forwarder {
     async fn send(&self, event: &events::Event, id: &str, body: Bytes) -> Result<(), String> {
-        let mut req = Request::new(Full::new(body));
+        let mut req = Request::new(body);
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.uri.clone();
         let h = req.headers_mut();
@@ -401,9 +390,9 @@ impl Forwarder {
         if let Ok(v) = HeaderValue::from_str(id) {
             h.insert("x-clerk-webhook-id", v);
         }
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-            Ok(Ok(resp)) => Err(format!("upstream answered {}", resp.status())),
+        match tokio::time::timeout(self.timeout, self.upstream.send_whole(req)).await {
+            Ok(Ok(status)) if status.is_success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("upstream answered {status}")),
             Ok(Err(e)) => Err(format!("upstream request failed: {e}")),
             Err(_) => Err("upstream timed out".into()),
         }

@@ -1,14 +1,12 @@
-//! The upstream client: pooled keep-alive connections, http or https, bounded waits.
-//!
-//! Bodies stream in both directions (the inbound `Incoming` body is handed to the client as it
-//! is). Failures are classified into closed kinds for the 502/504 mapping and the metric.
+//! The upstream connection's parts around the pools ([`super::pool`], [`super::pool_h2`]):
+//! the connector (TCP, TLS, ALPN), the streamed response body that hands its connection back,
+//! and the closed kinds failures are classified into for the 502/504 mapping and the metric.
 
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,36 +17,6 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::pool::{Lease, PoolError};
 use crate::telemetry::{Metrics, UpstreamErrorKind};
-
-/// Builds the pooled client for request bodies of type `B`. Fails only when the platform's TLS roots cannot be loaded.
-pub(crate) fn client<B>(
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    max_idle_per_host: usize,
-    ca_file: Option<&str>,
-) -> std::io::Result<Client<HttpsConnector<HttpConnector>, B>>
-where
-    B: hyper::body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let https = connector(connect_timeout, ca_file)?;
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .pool_max_idle_per_host(max_idle_per_host)
-        .build(https))
-}
-
-/// The connector for an upstream: TCP (no Nagle, keep-alive probes, connect timeout), TLS for
-/// https with the platform's roots or only `ca_file`'s. Fails only when roots cannot be loaded.
-pub(crate) fn connector(
-    connect_timeout: Duration,
-    ca_file: Option<&str>,
-) -> std::io::Result<HttpsConnector<HttpConnector>> {
-    connector_for(connect_timeout, ca_file, Alpn::Http1)
-}
 
 /// The application protocols offered to an https upstream by ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,10 @@
 //! The proxy's upstream client: one upstream, HTTP/1.1 keep-alive connections kept in a LIFO
 //! pool, each driven by its own `hyper::client::conn::http1` connection task.
 //!
-//! Why not hyper-util's pooled client (which the webhook forwarder still uses): per request it
+//! It is the crate's one upstream HTTP client: the proxy streams clients' requests through it
+//! and the webhook forwarder sends verified events through it ([`Outgoing`] is either body).
+//!
+//! Why not hyper-util's pooled client: per request it
 //! races a pool checkout against a lazily built connect future, keys the pool by scheme and
 //! authority, and spawns a task that waits for the connection to become idle again before
 //! returning it. Here the connection goes back to the pool when the response body ends (see
@@ -70,15 +73,65 @@ impl PoolError {
     }
 }
 
-/// The client's request body on its way upstream, noting when it has been read to its end.
+/// A request body on its way upstream: a client's, streamed as it arrives, or one clerkgate
+/// holds whole (a verified webhook event).
+pub(crate) enum Outgoing {
+    /// The client's body, read as the upstream takes it.
+    Streamed(Incoming),
+    /// A body in memory, sent as one frame (`None` once sent).
+    Whole(Option<Bytes>),
+}
+
+impl From<Incoming> for Outgoing {
+    fn from(body: Incoming) -> Self {
+        Self::Streamed(body)
+    }
+}
+
+impl From<Bytes> for Outgoing {
+    fn from(body: Bytes) -> Self {
+        Self::Whole(Some(body))
+    }
+}
+
+impl Body for Outgoing {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Self::Whole(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Streamed(body) => body.is_end_stream(),
+            Self::Whole(body) => body.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Streamed(body) => body.size_hint(),
+            Self::Whole(body) => SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// A request body on its way upstream, noting when it has been read to its end.
 /// A request without a body (most of them) needs no note and allocates nothing.
 pub(super) struct RequestBody {
-    inner: Incoming,
+    inner: Outgoing,
     done: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming) -> (Self, Option<Arc<AtomicBool>>) {
+    fn new(inner: Outgoing) -> (Self, Option<Arc<AtomicBool>>) {
         let done = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
         (
             Self {
@@ -303,7 +356,7 @@ impl UpstreamPool {
     /// of its connection.
     pub(super) async fn request(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<Outgoing>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
         let (parts, body) = req.into_parts();
         let (body, request_done) = RequestBody::new(body);

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tower_service::Service;
 
 use super::forward::Alpn;
-use super::pool::{Lease, PoolError, UpstreamPool};
+use super::pool::{Lease, Outgoing, PoolError, UpstreamPool};
 use crate::config::error::ConfigError;
 
 /// Upstream connections a pool multiplexes its streams over.
@@ -61,12 +61,12 @@ type Sender = http2::SendRequest<ClientBody>;
 /// upstream never takes a cut-off body for a whole one). A request without a body has nothing
 /// to fail and allocates nothing.
 pub(super) struct ClientBody {
-    inner: Incoming,
+    inner: Outgoing,
     failed: Option<Arc<AtomicBool>>,
 }
 
 impl ClientBody {
-    fn new(inner: Incoming) -> Self {
+    fn new(inner: Outgoing) -> Self {
         let failed = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
         Self { inner, failed }
     }
@@ -99,7 +99,7 @@ impl hyper::body::Body for ClientBody {
 /// Why the HTTP/2 pool did not send a request.
 enum H2Failure {
     /// An https upstream chose HTTP/1.1 by ALPN (`auto`): the request, untouched, goes there.
-    NotH2(Box<Request<Incoming>>),
+    NotH2(Box<Request<Outgoing>>),
     Pool(PoolError),
 }
 
@@ -219,7 +219,7 @@ impl H2Pool {
 
     /// `req` for HTTP/2: an absolute URI with the upstream's scheme and `Host` (if any) as
     /// `:authority`.
-    fn prepare(&self, req: Request<Incoming>) -> Request<ClientBody> {
+    fn prepare(&self, req: Request<Outgoing>) -> Request<ClientBody> {
         let (mut parts, body) = req.into_parts();
         let authority = parts
             .headers
@@ -237,7 +237,7 @@ impl H2Pool {
         Request::from_parts(parts, ClientBody::new(body))
     }
 
-    async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, H2Failure> {
+    async fn request(&self, req: Request<Outgoing>) -> Result<Response<Incoming>, H2Failure> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % CONNECTIONS];
         let (sender, mut reused) = self.sender(slot).await.map_err(H2Failure::Pool)?;
         let Some(mut sender) = sender else {
@@ -355,7 +355,7 @@ impl Client {
     /// of its connection (an HTTP/2 stream holds no connection: its lease is empty).
     pub(super) async fn request(
         &self,
-        req: Request<Incoming>,
+        req: Request<Outgoing>,
     ) -> Result<(Response<Incoming>, Lease), PoolError> {
         match self {
             Self::Http1(pool) => pool.request(req).await,

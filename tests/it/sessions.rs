@@ -6,6 +6,7 @@ use std::time::Duration;
 use clerkgate::telemetry::{WebhookEventType, WebhookResult};
 use serde_json::{Value, json};
 
+use crate::support::upstreams::RawUpstream;
 use crate::support::{FakeClerk, Sidecar, Upstream, client, now};
 
 fn webhook_toml(clerk: &FakeClerk, extra: &str) -> String {
@@ -503,6 +504,54 @@ async fn verified_events_are_forwarded_unchanged_with_a_trusted_header_and_no_sv
         "duplicate"
     );
     assert_eq!(upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn forwarded_events_go_through_the_proxys_pooled_upstream_connection() {
+    // One upstream client in the process: a verified event goes upstream over the same
+    // keep-alive connection that proxied requests use, and the connection stays reusable.
+    let clerk = FakeClerk::start().await;
+    let upstream = RawUpstream::recording().await;
+    let config = crate::support::sidecar::config(
+        &crate::support::sidecar::base_toml(&clerk, &upstream.url()),
+        &webhook_toml(&clerk, "forward_path = \"/internal/clerk-webhooks\""),
+    )
+    .expect("valid config");
+    let gate = Sidecar::start_config(config).await;
+    assert!(gate.wait_ready(Duration::from_secs(10)).await);
+    let token = clerk.session_token("user_1");
+    assert_eq!(get_status(&gate, &token).await.0, 200);
+    let body = event(
+        "user.created",
+        json!({"id": "user_pooled", "email_addresses": []}),
+    );
+    assert_eq!(
+        deliver(&gate, &clerk, "msg_pooled", now() as i64, &body)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(get_status(&gate, &token).await.0, 200);
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "proxy, forwarder, proxy: one pooled connection"
+    );
+    let forwarded = String::from_utf8_lossy(&requests[1]).into_owned();
+    assert!(
+        forwarded.starts_with("POST /internal/clerk-webhooks HTTP/1.1\r\n"),
+        "{forwarded}"
+    );
+    // Every header line of the head, each ended by CRLF.
+    let head = format!("{}\r\n", forwarded.split("\r\n\r\n").next().unwrap()).to_ascii_lowercase();
+    assert_eq!(head.matches("\r\nhost: ").count(), 1, "{head}");
+    assert!(
+        head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
+        "{head}"
+    );
+    assert!(requests[1].ends_with(&body), "the event, byte for byte");
 }
 
 #[tokio::test]
