@@ -277,7 +277,8 @@ impl Authenticator {
         self.metrics.token_cache_misses.inc();
         // A span only for a miss (and only when traces are exported): hits stay span-free.
         let span = crate::telemetry::otel::verify_span();
-        let verified = self.verify_uncached(token, cache_key, now_ms);
+        // Boxed: the miss path (key fetch included) stays out of every cache hit's future.
+        let verified = Box::pin(self.verify_uncached(token, cache_key, now_ms));
         let result = tracing::Instrument::instrument(verified, span.clone()).await;
         if let Err(e) = &result {
             crate::telemetry::otel::record_error(&span, Label::as_label(e.failure()));

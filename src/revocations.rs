@@ -609,10 +609,11 @@ impl Guard {
                             e => Err(e),
                         })
                 };
-                match tokio::time::timeout(
+                // Boxed: the Backend API call's state stays out of every request's future.
+                match Box::pin(tokio::time::timeout(
                     self.timeout,
                     self.api_answers.try_get_with(sid.to_owned(), fetch),
-                )
+                ))
                 .await
                 {
                     Ok(Ok(status)) => Ok(status),

@@ -65,7 +65,9 @@ impl Router {
             if req.method() != Method::CONNECT && self.webhooks.matches(req.uri().path()) {
                 // Verified by its Svix signature, not by a session token.
                 (
-                    self.webhooks.handle(req).await.map(Either::Right),
+                    // Boxed: a webhook's future (verification, the ledger, the forward) is
+                    // kilobytes that every proxied request's future would otherwise carry.
+                    Box::pin(self.webhooks.handle(req)).await.map(Either::Right),
                     Outcome::Webhook,
                 )
             } else {

@@ -188,7 +188,9 @@ impl Proxy {
                 }
             };
         }
-        let verdict = b.authenticate(parts, tls).await;
+        // Boxed: the handshake and refresh paths would make every proxied request's future,
+        // browser mode or not, several kilobytes larger.
+        let verdict = Box::pin(b.authenticate(parts, tls)).await;
         match verdict {
             Verdict::SignedIn {
                 identity,

@@ -372,7 +372,9 @@ impl UpstreamPool {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: the dial's TLS state would make every request's future (moved by
+                // value on each request) a kilobyte larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {

@@ -177,7 +177,9 @@ impl H2Pool {
         if let Some(sender) = Self::live(slot) {
             return Ok((Some(sender), true));
         }
-        let Some(sender) = self.dial().await? else {
+        // Boxed: a rare path whose TLS and HTTP/2 handshake state would otherwise make every
+        // request's future (moved by value on each request) kilobytes larger.
+        let Some(sender) = Box::pin(self.dial()).await? else {
             return Ok((None, false));
         };
         *slot.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
