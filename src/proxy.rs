@@ -88,8 +88,9 @@ pub struct Config {
     /// respected); 1 = a single-threaded runtime, the cheapest per request for a sidecar
     /// limited to one core.
     pub worker_threads: usize,
-    /// `multi-thread`: one runtime whose workers steal work from each other; `per-core`: one
-    /// single-threaded runtime per worker, each accepting on its own `SO_REUSEPORT` socket.
+    /// `per-core` (the default): one single-threaded runtime per worker, each accepting on its
+    /// own `SO_REUSEPORT` socket; `multi-thread`: one runtime whose workers steal work from
+    /// each other.
     pub runtime: crate::runtime::RuntimeKind,
     /// What the upstream is spoken to in: `http1`, `h2c` (cleartext HTTP/2), `h2` (ALPN,
     /// https) or `auto` (h2 when an https upstream agrees by ALPN, else HTTP/1.1).
@@ -118,7 +119,7 @@ impl Default for Config {
             tls_key_path: None,
             upstream_ca_path: None,
             worker_threads: 0,
-            runtime: crate::runtime::RuntimeKind::MultiThread,
+            runtime: crate::runtime::RuntimeKind::PerCore,
             upstream_protocol: pool_h2::UpstreamProtocol::Http1,
         }
     }

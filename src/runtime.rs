@@ -1,16 +1,19 @@
 //! How many threads serve the proxy, and how: `proxy.runtime` and `proxy.worker_threads`.
 //!
-//! - `multi-thread` (the default): one tokio runtime with a worker per CPU, work-stealing
-//!   between them. With one CPU it is a current-thread runtime.
-//! - `per-core`: one current-thread runtime per CPU, each accepting proxy connections on its
+//! - `per-core` (the default): one current-thread runtime per CPU, each accepting proxy connections on its
 //!   own socket bound to the proxy address with `SO_REUSEPORT` (the kernel spreads new
 //!   connections over them), so a connection, its requests and its upstream connections stay
 //!   on one thread: no work stealing, no wakeups across threads. The first runtime also runs
 //!   the admin and local-API listeners and the background tasks (key refresh, fleet).
 //!   State that all requests need (token cache, keys, revocations) is shared between them;
 //!   the upstream pool keeps one idle list per runtime (see [`worker`]).
+//! - `multi-thread`: one tokio runtime with a worker per CPU, work-stealing between them.
+//!   Better when a few long-lived connections carry everything (the kernel spreads
+//!   connections, not requests, over the per-core sockets).
 //!
-//! See BENCHMARKS.md ("Multi-core") for the measurements behind the default.
+//! With one CPU both are one current-thread runtime. At 2 CPUs the per-core mode carried 1.30×
+//! (plain requests) and 1.14× (browser-shaped requests) the multi-thread mode's cached-token
+//! throughput: BENCHMARKS.md ("Multi-core").
 
 use std::cell::Cell;
 
@@ -20,8 +23,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RuntimeKind {
-    #[default]
     MultiThread,
+    #[default]
     PerCore,
 }
 

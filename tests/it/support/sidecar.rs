@@ -98,7 +98,12 @@ level = "warn"
 
 /// Builds a configuration from the base plus test-specific TOML (merged key by key).
 pub fn config(base: &str, extra: &str) -> Result<Config, clerkgate::config::ConfigError> {
+    // An in-process sidecar serves on the test's own runtime: the default per-core mode would
+    // start a runtime thread per CPU for every sidecar (and the runtime tests count those
+    // threads). The per-core default is exercised by the tests that run the binary, and
+    // tests/it/runtime.rs asks for it explicitly.
     let figment = Figment::from(Serialized::defaults(Config::default()))
+        .merge(Toml::string("[proxy]\nruntime = \"multi-thread\"\n"))
         .merge(Toml::string(base))
         .merge(Toml::string(extra));
     Config::from_figment(&figment)
