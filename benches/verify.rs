@@ -144,7 +144,7 @@ fn build_fixture() -> Fixture {
     // A bench that silently measured a rejection would be worse than none.
     let first = token::parse(&pool[0]).expect("minted token parses");
     auth.verifier()
-        .verify(&first, &key, now_ms)
+        .verify(first, &key, now_ms)
         .expect("minted token verifies against its JWK");
     let identity = rt
         .block_on(auth.authenticate(&warm, now_ms))
@@ -197,7 +197,7 @@ fn verify_cold(c: &mut Criterion) {
             let parsed = token::parse(black_box(next())).expect("token parses");
             fx.auth
                 .verifier()
-                .verify(&parsed, &fx.key, fx.now_ms)
+                .verify(parsed, &fx.key, fx.now_ms)
                 .expect("token verifies")
         })
     });

@@ -300,7 +300,7 @@ impl Authenticator {
             .keys
             .key_for(parsed.header.kid.as_deref(), may_refetch)
             .await?;
-        let claims = self.verifier.verify(&parsed, &key, now_ms)?;
+        let claims = self.verifier.verify(parsed, &key, now_ms)?;
         let mut identity = self.builder.build(claims);
         identity.key_generation = generation;
         let identity = Arc::new(identity);

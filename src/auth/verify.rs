@@ -69,7 +69,7 @@ impl Verifier {
 
     pub fn verify(
         &self,
-        token: &Parsed<'_>,
+        token: Parsed<'_>,
         key: &Key,
         now_ms: u64,
     ) -> Result<VerifiedClaims, AuthError> {
@@ -80,7 +80,9 @@ impl Verifier {
             .verify_sig(token.signing_input().as_bytes(), &token.signature)
             .map_err(|_| AuthError::InvalidSignature)?;
 
-        let payload = &token.payload;
+        // Taken, not cloned: the verified claims keep the parsed payload itself (a deep copy
+        // of the claim tree was a tenth of a cold verification's own cost).
+        let payload = token.payload;
         let sub = match payload.get("sub") {
             // The user id is sent upstream as X-User-Id: it must fit a header value whole.
             Some(Value::String(s)) if !s.is_empty() && header_safe(s) => s.clone(),
@@ -112,12 +114,12 @@ impl Verifier {
         if exp_ms <= now - skew {
             return Err(AuthError::Expired);
         }
-        if let Some(nbf) = number_claim(payload, "nbf")?
+        if let Some(nbf) = number_claim(&payload, "nbf")?
             && nbf * 1000.0 > now + skew
         {
             return Err(AuthError::NotActiveYet);
         }
-        let iat = number_claim(payload, "iat")?;
+        let iat = number_claim(&payload, "iat")?;
         if let Some(iat) = iat
             && iat * 1000.0 > now + skew
         {
@@ -134,7 +136,7 @@ impl Verifier {
             _ => None,
         };
         Ok(VerifiedClaims {
-            payload: payload.clone(),
+            payload,
             sub,
             sid,
             iat: iat.map(|v| v.floor() as i64),
@@ -193,7 +195,7 @@ mod tests {
     }
 
     fn check(v: &Verifier, token: &str, now: u64) -> Result<VerifiedClaims, AuthError> {
-        v.verify(&parse(token).unwrap(), &key(Alg::Rs256), now)
+        v.verify(parse(token).unwrap(), &key(Alg::Rs256), now)
     }
 
     fn with(mut c: Value, k: &str, v: Value) -> Value {
@@ -449,11 +451,11 @@ mod tests {
     #[test]
     fn the_token_alg_must_be_the_key_alg() {
         let rs384 = signer().sign(&json!({"alg": "RS384", "kid": "ins_test"}), &claims());
-        let p = parse(&rs384).unwrap();
+        let p = || parse(&rs384).unwrap();
         assert_eq!(
-            verifier().verify(&p, &key(Alg::Rs256), NOW).unwrap_err(),
+            verifier().verify(p(), &key(Alg::Rs256), NOW).unwrap_err(),
             AuthError::InvalidAlgorithm
         );
-        assert!(verifier().verify(&p, &key(Alg::Rs384), NOW).is_ok());
+        assert!(verifier().verify(p(), &key(Alg::Rs384), NOW).is_ok());
     }
 }
