@@ -216,7 +216,7 @@ pub struct Header {
 }
 
 /// A token that passed the structural checks; nothing in it is trusted yet.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Parsed<'t> {
     pub header: Header,
     /// The whole protected header, for the machine-token rules (`typ`, `cat`).
