@@ -332,18 +332,22 @@ impl App {
             .clone()
             .map(|fleet| tokio::spawn(fleet.run(stopped(stop_rx.clone()))));
         let drain_timeout = self.config.shutdown.drain_timeout();
-        let proxy_limits = Limits {
-            header_read_timeout: self.config.proxy.header_read_timeout(),
-            max_header_bytes: self.config.proxy.max_header_bytes,
-            max_connections: self.config.proxy.max_connections,
-            drain_timeout,
-        };
-        let proxy_addr = listeners.proxy.local_addr().ok();
-        let admin_addr = listeners.admin.local_addr().ok();
         let extra = runtime::extra_proxy_runtimes(
             self.config.proxy.runtime,
             self.config.proxy.worker_threads,
         );
+        let max_connections = self.config.proxy.max_connections;
+        let proxy_limits = Limits {
+            header_read_timeout: self.config.proxy.header_read_timeout(),
+            max_header_bytes: self.config.proxy.max_header_bytes,
+            max_connections,
+            drain_timeout,
+            // `proxy.max_connections` is the process's budget, however many runtimes accept.
+            shared_permits: (extra > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(max_connections))),
+        };
+        let proxy_addr = listeners.proxy.local_addr().ok();
+        let admin_addr = listeners.admin.local_addr().ok();
         let (proxy_listener, per_core) = if extra > 0 {
             per_core_listeners(listeners.proxy, extra).map_err(AppError::Listen)?
         } else {

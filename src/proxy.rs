@@ -62,7 +62,8 @@ pub struct Config {
     pub header_read_timeout_seconds: u64,
     /// Largest request head accepted (HTTP/1 buffer, HTTP/2 header list).
     pub max_header_bytes: usize,
-    /// Most concurrent client connections; more wait in the accept queue.
+    /// Most concurrent client connections, for the whole process (the per-core runtimes share
+    /// one budget); more wait in the accept queue.
     pub max_connections: usize,
     /// Forward-auth endpoint for ingress controllers; empty disables it.
     pub forward_auth_path: String,

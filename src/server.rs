@@ -62,6 +62,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// One budget of `max_connections` shared by several listeners of one address (the
+    /// per-core runtimes' sockets); `None`: this listener counts its own.
+    pub shared_permits: Option<Arc<Semaphore>>,
 }
 
 impl Default for Limits {
@@ -71,6 +74,7 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 1024,
             drain_timeout: Duration::from_secs(25),
+            shared_permits: None,
         }
     }
 }
@@ -100,7 +104,10 @@ pub async fn serve<H: Handler>(
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = limits
+        .shared_permits
+        .clone()
+        .unwrap_or_else(|| Arc::new(Semaphore::new(limits.max_connections)));
     tokio::pin!(shutdown);
 
     loop {

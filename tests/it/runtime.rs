@@ -5,6 +5,11 @@
 use std::time::Duration;
 
 use clerkgate::app::{App, Listeners};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::support::WAIT;
+use crate::support::raw::read_response;
 
 use crate::support::sidecar::{base_toml, config};
 use crate::support::{FakeClerk, Sidecar, Upstream, client};
@@ -168,6 +173,55 @@ async fn per_core_runtimes_share_a_listener_bound_without_reuseport() {
         assert_eq!(resp.status(), 401);
     }
     assert_eq!(upstream.count(), 160);
+    gate.stop().await;
+    assert!(per_core_threads().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_runtimes_share_one_connection_budget() {
+    // `proxy.max_connections` bounds the process, not each runtime: with a budget per runtime
+    // three runtimes would serve twelve connections here.
+    let _one = THREADS.lock().await;
+    let clerk = FakeClerk::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Sidecar::start(
+        &clerk,
+        &upstream,
+        "[proxy]\nruntime = \"per-core\"\nworker_threads = 3\nmax_connections = 4\n\
+         header_read_timeout_seconds = 30\n",
+    )
+    .await;
+    wait_for_threads(2).await;
+    const GET: &[u8] = b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n";
+    // Four keep-alive connections, each answered once and then held open: the whole budget.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(gate.proxy).await.expect("connect");
+        s.write_all(GET).await.expect("write");
+        let reply = tokio::time::timeout(WAIT, read_response(&mut s)).await;
+        assert_eq!(reply.ok().flatten().map(|r| r.status), Some(401));
+        held.push(s);
+    }
+    // Three more reach the shared accept queue; no runtime may serve them while four are held.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gate.proxy).await.expect("connect");
+        s.write_all(GET).await.expect("write");
+        waiting.push(s);
+    }
+    for s in &mut waiting {
+        let early = tokio::time::timeout(Duration::from_millis(700), read_response(s)).await;
+        assert!(
+            early.is_err(),
+            "served beyond max_connections = 4 across the runtimes: {early:?}"
+        );
+    }
+    drop(held);
+    for s in &mut waiting {
+        let late = tokio::time::timeout(WAIT, read_response(s)).await;
+        assert_eq!(late.ok().flatten().map(|r| r.status), Some(401));
+    }
+    assert_eq!(upstream.count(), 0);
     gate.stop().await;
     assert!(per_core_threads().is_empty());
 }
