@@ -56,7 +56,8 @@ pub struct Config {
     pub upstream_timeout_seconds: u64,
     /// Idle pooled upstream connections are closed after this long.
     pub pool_idle_timeout_seconds: u64,
-    /// Idle pooled upstream connections kept.
+    /// Idle pooled upstream connections kept, for the whole process (each per-core runtime
+    /// keeps its share).
     pub pool_max_idle: usize,
     /// A client must send its complete request head within this time (slowloris guard).
     pub header_read_timeout_seconds: u64,

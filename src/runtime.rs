@@ -68,6 +68,12 @@ pub(crate) fn extra_proxy_runtimes(kind: RuntimeKind, configured: usize) -> usiz
     }
 }
 
+/// One runtime's share of a process-wide budget (`proxy.pool_max_idle`): the per-core runtimes
+/// keep one idle list each, so each gets `total / runtimes`, rounded up.
+pub(crate) fn per_runtime_share(total: usize, kind: RuntimeKind, configured: usize) -> usize {
+    total.div_ceil(extra_proxy_runtimes(kind, configured) + 1)
+}
+
 /// Binds a listening socket with `SO_REUSEPORT` (and `SO_REUSEADDR`), so that the per-core
 /// runtimes can each bind their own socket to the same address.
 pub(crate) fn bind_reuseport(
@@ -95,6 +101,15 @@ mod tests {
         assert_eq!(main_runtime_threads(RuntimeKind::MultiThread, 4), 4);
         assert_eq!(extra_proxy_runtimes(RuntimeKind::MultiThread, 4), 0);
         assert_eq!(extra_proxy_runtimes(RuntimeKind::PerCore, 1), 0);
+    }
+
+    #[test]
+    fn a_process_budget_is_split_over_the_per_core_runtimes() {
+        assert_eq!(per_runtime_share(256, RuntimeKind::PerCore, 4), 64);
+        assert_eq!(per_runtime_share(5, RuntimeKind::PerCore, 2), 3);
+        assert_eq!(per_runtime_share(256, RuntimeKind::MultiThread, 4), 256);
+        assert_eq!(per_runtime_share(256, RuntimeKind::PerCore, 1), 256);
+        assert_eq!(per_runtime_share(0, RuntimeKind::PerCore, 4), 0);
     }
 
     #[tokio::test]

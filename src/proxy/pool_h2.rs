@@ -314,7 +314,8 @@ impl Client {
                 connector(Alpn::Http1)?,
                 scheme,
                 authority,
-                p.pool_max_idle,
+                // `pool_max_idle` is the process's: each per-core runtime keeps its own list.
+                crate::runtime::per_runtime_share(p.pool_max_idle, p.runtime, p.worker_threads),
                 p.pool_idle_timeout(),
             )
             .map_err(bad_uri)
