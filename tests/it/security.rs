@@ -14,7 +14,10 @@
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::support::env::{Env, b64, fold, other_instance, payload_segment, random_hex};
+use crate::support::env::{
+    EXTRA_RESERVED, EXTRA_RESERVED_NAMES, Env, b64, is_reserved, other_instance, payload_segment,
+    random_hex,
+};
 use crate::support::{FakeClerk, now};
 
 /// Routes shared by the path, policy and forward-auth tests.
@@ -36,36 +39,11 @@ path = "/gold/**"
 claims = { "public_metadata.tier" = "gold" }
 "#;
 
-/// Extra reserved names: a mapped claim header and an operator-reserved name, both of which
-/// clients must not be able to set either.
-const EXTRA_RESERVED: &str = r#"
-[headers]
-reserved = ["X_Tenant"]
-[headers.claims]
-"public_metadata.plan" = "X-Plan"
-"#;
-
-/// Names the upstream may only ever receive from clerkgate itself (normalised: lower case,
-/// `_` as `-`), given the defaults plus [`EXTRA_RESERVED`]. `x-clerk-*` is reserved
-/// as a prefix.
-const RESERVED: &[&str] = &[
-    "x-user-id",
-    "x-session-id",
-    "x-org-id",
-    "x-org-role",
-    "x-org-slug",
-    "x-org-permissions",
-    "x-actor-id",
-    "x-plan",
-    "x-tenant",
-];
-
 /// The upstream got no identity header in any spelling.
 fn assert_anonymous(headers: &HeaderMap) {
     for name in headers.keys() {
-        let folded = fold(name.as_str());
         assert!(
-            !folded.starts_with("x-clerk-") && !RESERVED.contains(&folded.as_str()),
+            !is_reserved(name.as_str(), EXTRA_RESERVED_NAMES),
             "identity header {name} reached the upstream of an anonymous request: {headers:?}"
         );
     }

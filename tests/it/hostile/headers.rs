@@ -8,25 +8,14 @@ use serde_json::json;
 use super::kit::ROUTES;
 use crate::support::Sidecar;
 use crate::support::WAIT;
-use crate::support::env::{Env, assert_refused, fold, shared_clerk, values};
+use crate::support::env::{self, Env, assert_refused, fold, shared_clerk, values};
 use crate::support::raw::find;
 use crate::support::sidecar::{base_toml, config};
 use crate::support::upstreams::RawUpstream;
 
-/// Names only clerkgate may send upstream (folded), besides the `x-clerk-` prefix.
-const RESERVED: &[&str] = &[
-    "x-user-id",
-    "x-session-id",
-    "x-org-id",
-    "x-org-role",
-    "x-org-slug",
-    "x-org-permissions",
-    "x-actor-id",
-];
-
+/// With the default `[headers]` section.
 fn is_reserved(name: &str) -> bool {
-    let f = fold(name);
-    f.starts_with("x-clerk-") || RESERVED.contains(&f.as_str())
+    env::is_reserved(name, &[])
 }
 
 #[tokio::test]

@@ -15,8 +15,9 @@ use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
 use super::cases;
-use crate::support::env::shared_clerk;
-use crate::support::fold;
+use crate::support::env::{
+    self, DEFAULT_RESERVED, EXTRA_RESERVED, EXTRA_RESERVED_NAMES, shared_clerk,
+};
 use crate::support::raw::send_raw;
 use crate::support::{FakeClerk, Sidecar, SigningKey, Upstream};
 
@@ -29,28 +30,6 @@ auth = "public"
 path = "/feed/**"
 auth = "optional"
 "#;
-
-/// A mapped claim header and an operator-reserved name, both reserved like the defaults.
-const EXTRA_RESERVED: &str = r#"
-[headers]
-reserved = ["X_Tenant"]
-[headers.claims]
-"public_metadata.plan" = "X-Plan"
-"#;
-
-/// Every reserved name with this configuration, folded. `x-clerk-*` is reserved as a prefix.
-const RESERVED: &[&str] = &[
-    "x-user-id",
-    "x-session-id",
-    "x-org-id",
-    "x-org-role",
-    "x-org-slug",
-    "x-org-permissions",
-    "x-actor-id",
-    "x-clerk-claims",
-    "x-plan",
-    "x-tenant",
-];
 
 /// Names next to the reserved ones that are not reserved, and must reach the upstream.
 const ORDINARY: &[&str] = &[
@@ -65,9 +44,17 @@ const ORDINARY: &[&str] = &[
     "accept-language",
 ];
 
+/// Every reserved name with [`EXTRA_RESERVED`], folded (`x-clerk-claims` standing for the
+/// `x-clerk-*` prefix).
+fn reserved_names() -> Vec<&'static str> {
+    let mut names = DEFAULT_RESERVED.to_vec();
+    names.push("x-clerk-claims");
+    names.extend(EXTRA_RESERVED_NAMES);
+    names
+}
+
 fn is_reserved(name: &str) -> bool {
-    let folded = fold(name);
-    folded.starts_with("x-clerk-") || RESERVED.contains(&folded.as_str())
+    env::is_reserved(name, EXTRA_RESERVED_NAMES)
 }
 
 /// Every test in this binary shares one runtime, so the fake Clerk and the clerkgate of each
@@ -160,7 +147,7 @@ fn spell(base: &str, flips: &[(bool, bool)]) -> String {
 /// A reserved name in some spelling, or an arbitrary `x-clerk-*` name.
 fn reserved_name() -> impl Strategy<Value = String> {
     let base = prop_oneof![
-        3 => proptest::sample::select(RESERVED).prop_map(str::to_owned),
+        3 => proptest::sample::select(reserved_names()).prop_map(str::to_owned),
         1 => "[a-z0-9-]{1,10}".prop_map(|s| format!("x-clerk-{s}")),
     ];
     (base, proptest::collection::vec(any::<(bool, bool)>(), 24))

@@ -144,6 +144,40 @@ pub fn fold(name: &str) -> String {
     name.to_ascii_lowercase().replace('_', "-")
 }
 
+/// The identity header names clerkgate reserves with the default `[headers]` section, folded,
+/// written out here as the tests' own oracle (not read from the library). `x-clerk-*` is
+/// reserved as a prefix besides.
+pub const DEFAULT_RESERVED: &[&str] = &[
+    "x-user-id",
+    "x-session-id",
+    "x-org-id",
+    "x-org-role",
+    "x-org-slug",
+    "x-org-permissions",
+    "x-actor-id",
+];
+
+/// A mapped claim header and an operator-reserved name (in a spelling to be folded), which
+/// clients must not be able to set either.
+pub const EXTRA_RESERVED: &str = r#"
+[headers]
+reserved = ["X_Tenant"]
+[headers.claims]
+"public_metadata.plan" = "X-Plan"
+"#;
+
+/// The names [`EXTRA_RESERVED`] adds, folded.
+pub const EXTRA_RESERVED_NAMES: &[&str] = &["x-plan", "x-tenant"];
+
+/// Whether only clerkgate may send `name` upstream: an `x-clerk-*` name, a default reserved
+/// name, or one of `extra` (folded), compared folded.
+pub fn is_reserved(name: &str, extra: &[&str]) -> bool {
+    let f = fold(name);
+    f.starts_with("x-clerk-")
+        || DEFAULT_RESERVED.contains(&f.as_str())
+        || extra.contains(&f.as_str())
+}
+
 /// The values of a header as text.
 pub fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
     headers
