@@ -837,6 +837,17 @@ fn query_values(query: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
+/// A list request's `limit` (10 by default) and `offset` (0), as the Backend API pages.
+fn page(query: &str) -> (usize, usize) {
+    let number = |key, default| {
+        query_values(query, key)
+            .first()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    (number("limit", 10), number("offset", 0))
+}
+
 /// The `GET /v1/users` and `/v1/users/count` filters the fake knows: `user_id`,
 /// `email_address` (any of them) and `query` (a substring of the id or first name).
 fn user_matches(user: &Value, query: &str) -> bool {
@@ -1029,14 +1040,7 @@ async fn api(
             None => not_found("user"),
         },
         Endpoint::UsersList => {
-            let limit = query_values(&query, "limit")
-                .first()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(10);
-            let offset = query_values(&query, "offset")
-                .first()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
+            let (limit, offset) = page(&query);
             let users: Vec<Value> = state
                 .users
                 .values()
@@ -1087,14 +1091,7 @@ async fn api(
                 return not_found("user");
             };
             let all = state.memberships.get(id).cloned().unwrap_or_default();
-            let limit = query_values(&query, "limit")
-                .first()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(10);
-            let offset = query_values(&query, "offset")
-                .first()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
+            let (limit, offset) = page(&query);
             let data: Vec<Value> = all
                 .iter()
                 .skip(offset)
