@@ -3,6 +3,7 @@
 //! the proxy (forward-auth, the Frontend API proxy, proxied requests), and records the
 //! per-request metric, the trace span's outcome and the access line.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -167,8 +168,41 @@ impl RequestIds {
             return (first.clone(), true);
         }
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = HeaderValue::from_str(&format!("{}-{n:x}", self.prefix))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        (id, false)
+        // Formatted on the stack (12 hex digits, '-', at most 16 more), copied once into the
+        // header value: no intermediate `String` per request.
+        let mut buf = [0u8; 32];
+        let mut out = &mut buf[..];
+        let id = match write!(out, "{}-{n:x}", self.prefix) {
+            Ok(()) => {
+                let len = 32 - out.len();
+                HeaderValue::from_bytes(&buf[..len]).ok()
+            }
+            Err(_) => None,
+        };
+        (
+            id.unwrap_or_else(|| HeaderValue::from_static("unknown")),
+            false,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_are_the_prefix_and_a_hex_counter_up_to_u64_max() {
+        let ids = RequestIds::new(false);
+        assert_eq!(ids.prefix.len(), 12);
+        let (first, kept) = ids.for_request(&http::HeaderMap::new());
+        assert!(!kept);
+        assert_eq!(first.to_str().unwrap(), format!("{}-1", ids.prefix));
+        ids.next
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        let (last, _) = ids.for_request(&http::HeaderMap::new());
+        assert_eq!(
+            last.to_str().unwrap(),
+            format!("{}-ffffffffffffffff", ids.prefix)
+        );
     }
 }
