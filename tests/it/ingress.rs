@@ -22,6 +22,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
+use crate::support::env::{fold, is_reserved};
 use crate::support::{FakeClerk, Sidecar, Upstream, client};
 
 const ROUTES: &str = r#"
@@ -52,20 +53,9 @@ const SPOOFED: &[(&str, &str)] = &[
     ("X_Clerk_Auth_Status", "signed-in"),
 ];
 
-/// The identity header family (normalised: lower case, `_` as `-`); `x-clerk-*` as a prefix.
-const IDENTITY: &[&str] = &[
-    "x-user-id",
-    "x-session-id",
-    "x-org-id",
-    "x-org-role",
-    "x-org-slug",
-    "x-org-permissions",
-    "x-actor-id",
-];
-
+/// The identity header family, folded, with the default `[headers]` section.
 fn identity_family(name: &str) -> Option<String> {
-    let normal = name.to_ascii_lowercase().replace('_', "-");
-    (IDENTITY.contains(&normal.as_str()) || normal.starts_with("x-clerk-")).then_some(normal)
+    is_reserved(name, &[]).then(|| fold(name))
 }
 
 /// Every identity-family header the app received, normalised name -> values in order.

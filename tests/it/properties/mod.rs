@@ -24,3 +24,15 @@ pub fn cases(cases: u32) -> Config {
         ..Config::default()
     }
 }
+
+/// `base` with each letter's case and each `-` chosen by `flips`.
+pub fn spell(base: &str, flips: &[(bool, bool)]) -> String {
+    base.chars()
+        .zip(flips.iter().chain(std::iter::repeat(&(false, false))))
+        .map(|(c, (upper, underscore))| match c {
+            '-' if *underscore => '_',
+            c if *upper => c.to_ascii_uppercase(),
+            c => c,
+        })
+        .collect()
+}

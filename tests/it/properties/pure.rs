@@ -7,7 +7,7 @@ use clerkgate::proxy::path::{EncodedSlashes, normalize};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 
-use super::cases;
+use super::{cases, spell};
 use crate::support::env::{DEFAULT_RESERVED, is_reserved};
 use crate::support::fold;
 
@@ -203,16 +203,8 @@ fn header_name() -> impl Strategy<Value = String> {
         1 => "[a-z0-9_-]{0,8}".prop_map(|s| format!("x-clerk-{s}")),
         2 => "[a-zA-Z0-9_-]{1,14}",
     ];
-    (base, proptest::collection::vec(any::<(bool, bool)>(), 20)).prop_map(|(base, flips)| {
-        base.chars()
-            .zip(flips.iter().chain(std::iter::repeat(&(false, false))))
-            .map(|(c, (upper, underscore))| match c {
-                '-' if *underscore => '_',
-                c if *upper => c.to_ascii_uppercase(),
-                c => c,
-            })
-            .collect()
-    })
+    (base, proptest::collection::vec(any::<(bool, bool)>(), 20))
+        .prop_map(|(base, flips)| spell(&base, &flips))
 }
 
 proptest! {

@@ -14,7 +14,7 @@ use proptest::sample::Index;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 
-use super::cases;
+use super::{cases, spell};
 use crate::support::env::{
     self, DEFAULT_RESERVED, EXTRA_RESERVED, EXTRA_RESERVED_NAMES, shared_clerk,
 };
@@ -130,18 +130,6 @@ impl Gate {
         let reply = replies.remove(0);
         (reply.status, reply.text())
     }
-}
-
-/// `base` with each letter's case and each `-` chosen by `flips`.
-fn spell(base: &str, flips: &[(bool, bool)]) -> String {
-    base.chars()
-        .zip(flips.iter().chain(std::iter::repeat(&(false, false))))
-        .map(|(c, (upper, underscore))| match c {
-            '-' if *underscore => '_',
-            c if *upper => c.to_ascii_uppercase(),
-            c => c,
-        })
-        .collect()
 }
 
 /// A reserved name in some spelling, or an arbitrary `x-clerk-*` name.
